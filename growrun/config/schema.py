@@ -1,0 +1,138 @@
+"""Structured-config schemas: the types, defaults and allowed values of every config key.
+
+OmegaConf checks the types when Hydra composes the YAML tree onto these dataclasses; the
+`choices` and range metadata below are checked by growrun.config.validate before a run starts.
+Each group mirrors a code module:
+
+    dataset/  -> growrun.data        model/  -> growrun.models     optim/ -> growrun.train.optim
+    growth/   -> growrun.growth      trainer -> growrun.train.trainer
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+def choices(default, *allowed, help: str = ""):
+    return field(default=default, metadata={"choices": allowed, "help": help})
+
+
+def bounded(default, lo=None, hi=None, *, lo_open=False, hi_open=False, help: str = ""):
+    """A number in [lo, hi] (open ends where asked); None means unbounded on that side."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open), "help": help})
+
+
+@dataclass
+class DatasetConfig:
+    name: str = choices("cifar10", "cifar10", "cifar100", "synthetic")
+    # Where cifar-10-batches-py/ and cifar-100-python/ live. None: $GROWRUN_DATA, else
+    # ~/.cache/growrun-data.
+    root: Optional[str] = None
+    download: bool = True  # download with torchvision when the files are missing
+    verify: bool = True  # check the official md5 sums (turn off for local re-encoded copies)
+    val_size: int = bounded(0, 0)  # training images held out (seeded) as a validation split
+    train_subset: int = bounded(0, 0)  # use only this many training images (0: all), seeded
+    test_subset: int = bounded(0, 0)  # use only this many test images (0: all), seeded
+    augment: bool = True  # random crop (pad 4) and horizontal flip, on the device
+    # synthetic only: class-conditional, learnable, CIFAR-shaped images
+    num_classes: int = bounded(10, 2)
+    train_size: int = bounded(1024, 1)
+    test_size: int = bounded(256, 1)
+    image_size: int = bounded(32, 4)
+    noise: float = bounded(0.6, 0.0)  # pixel noise around each class template, in [0, 1] units
+
+
+@dataclass
+class ModelConfig:
+    name: str = choices("resnet18", "mlp", "vgg", "resnet18")
+    # Multiplier of the full architecture's widths for the layers that are not growth sites
+    # (ResNet18's residual stream, the VGG stages' outer convs) and the growth targets' base.
+    width: float = bounded(1.0, 0.0, lo_open=True)
+    # Growth sites start at ceil(start_fraction * full site width); None: same as `width`.
+    start_fraction: Optional[float] = bounded(None, 0.0)
+    # Explicit starting width of every site, in model.site_names() order (overrides the above).
+    site_widths: Optional[List[int]] = None
+    # mlp: full hidden widths (each hidden layer is a growth site)
+    hidden: List[int] = field(default_factory=lambda: [512, 512])
+    # mlp / vgg: BatchNorm after every hidden layer
+    batchnorm: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = choices("sgd", "sgd", "adamw")
+    lr: float = bounded(0.1, 0.0, lo_open=True)
+    momentum: float = bounded(0.9, 0.0, 1.0, hi_open=True)  # sgd
+    nesterov: bool = True  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    weight_decay: float = bounded(5e-4, 0.0)
+    decay_norm_and_bias: bool = False  # apply weight decay to BatchNorm and bias parameters too
+    schedule: str = choices("cosine", "cosine", "step", "constant")
+    warmup_epochs: float = bounded(0.0, 0.0)  # linear warm-up from 0, per step
+    min_lr_ratio: float = bounded(0.0, 0.0, 1.0)  # cosine floor, as a fraction of lr
+    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of the run
+    step_gamma: float = bounded(0.1, 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class LineSearchConfig:
+    batch_size: int = bounded(512, 1)  # held-out training images the loss is measured on
+    shrink: float = bounded(0.5, 0.0, 1.0, lo_open=True, hi_open=True)  # backtracking factor
+    max_iter: int = bounded(12, 1)
+    max_gamma: float = bounded(10.0, 0.0, lo_open=True)
+
+
+@dataclass
+class GrowthConfig:
+    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero")
+    # when: every dt epochs (fractions allowed) from first_epoch until last_epoch (None: open)
+    dt: float = bounded(1.0, 0.0, lo_open=True)
+    first_epoch: float = bounded(1.0, 0.0)
+    last_epoch: Optional[float] = bounded(None, 0.0)
+    # where: every site at each step, one at a time in turn, or the one with the largest
+    # expected gain per added parameter
+    sites: str = choices("all", "all", "round_robin", "best_gain")
+    only: Optional[List[str]] = None  # restrict growth to these site names
+    # how many neurons per site and step: a fixed count, the count that reaches the target in
+    # `steps` steps, or adaptive (neurons above the statistics' sampling noise, capped by count)
+    neurons: str = choices("to_target", "fixed", "to_target", "adaptive")
+    count: int = bounded(4, 1)
+    steps: int = bounded(8, 1)
+    # targets: site widths as a fraction of the full architecture, or explicit; optional budget
+    target_fraction: float = bounded(1.0, 0.0, lo_open=True)
+    target_widths: Optional[List[int]] = None
+    param_budget: int = bounded(0, 0)  # stop growing past this many parameters (0: no budget)
+    samples: int = bounded(1024, 1)  # n, training images the statistics are computed on
+    stats_batch_size: int = bounded(256, 1)
+    line_search: LineSearchConfig = field(default_factory=LineSearchConfig)
+    apply_dw: bool = False  # also apply the best update dW2* of the existing L2 weights
+    conv_fanout: str = choices("center", "center", "full")
+    gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm
+    noise_sigmas: float = bounded(2.0, 0.0)  # adaptive: keep lambda_k^2 above this many noise SDs
+    rel_eps: float = bounded(1e-7, 0.0, 1.0, lo_open=True)  # relative eigenvalue threshold
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = bounded(15, 0)
+    batch_size: int = bounded(128, 1)
+    eval_batch_size: int = bounded(1000, 1)
+    label_smoothing: float = bounded(0.0, 0.0, 1.0, hi_open=True)
+    precision: str = choices("fp32", "fp32", "bf16", help="bf16: autocast on CUDA only")
+    progress: str = choices("auto", "auto", "on", "off", help="per-batch bars; auto: on a terminal")
+    eval_every: int = bounded(1, 1)  # evaluate every this many epochs (and always at the end)
+    threads: int = bounded(0, 0)  # torch intra-op threads (0: torch's default)
+    deterministic: bool = True  # deterministic algorithms (exact on CPU)
+    checkpoint: bool = True  # write checkpoints/last.pt at the end of every epoch
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = bounded(0, 0)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    resume: bool = False  # continue from <run dir>/checkpoints/last.pt when it exists
