@@ -1,7 +1,7 @@
 """Layers that accept a width of 0, so that a growth site can start empty (block = identity).
 
-torch's Conv2d refuses 0 output channels and BatchNorm refuses 0 features; Linear already
-copes. These subclasses keep the torch types (isinstance checks, state_dict keys, hooks) and
+torch's Conv2d refuses 0 output channels (and returns the wrong shape for 0 input channels)
+and BatchNorm refuses 0 features; Linear copes but warns at init. These subclasses keep the torch types (isinstance checks, state_dict keys, hooks) and
 only special-case the empty widths.
 """
 from __future__ import annotations
@@ -9,6 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Linear(nn.Linear):
+    """nn.Linear without the zero-element init warning when a width is 0 (torch copes otherwise)."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.numel():
+            super().reset_parameters()
+        elif self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class Conv2d(nn.Conv2d):

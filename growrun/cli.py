@@ -1,0 +1,121 @@
+"""The `growrun` command: train (Hydra app), resume, report.
+
+    growrun train [hydra flags] [overrides]    one run, or a sweep with -m
+    growrun resume DIR [overrides]             continue a run (or every unfinished run of a sweep)
+    growrun report SWEEP_DIR                   comparison tables and plots
+
+User-facing failures print one line `growrun: error: ...` and exit with status 2.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from growrun.errors import GrowrunError
+
+USAGE = """usage: growrun COMMAND [ARGS]
+
+commands:
+  train [OVERRIDES]      train one run (or a sweep with -m); `growrun train --help` lists the config
+  resume DIR [OVERRIDES] continue the run in DIR, or every unfinished run of the sweep in DIR
+  report SWEEP_DIR       write comparison tables and plots of a sweep (or of several run dirs)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": train, "resume": resume, "report": report}
+    if command not in handlers:
+        return _fail(f"unknown command {command!r}; choose one of {', '.join(handlers)}")
+    try:
+        return handlers[command](rest)
+    except GrowrunError as ex:
+        return _fail(str(ex))
+    except KeyboardInterrupt:
+        print("growrun: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"growrun: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train(rest: list[str]) -> int:
+    """Run the Hydra app after checking every run's config (see growrun.config.precheck)."""
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    from growrun.config import store  # noqa: F401  (registers the schema)
+    from growrun.config.precheck import CONFIG_MODULE, CONFIG_NAME, precheck
+    from growrun.sweep import last_sweep_dir, register_resolvers, run_status, sweep_runs
+
+    register_resolvers()
+    parser = get_args_parser()
+    parser.prog = "growrun train"
+    args = parser.parse_args(rest)
+    if not (args.help or args.hydra_help or args.info or args.shell_completion):
+        precheck(args)
+    _run_hydra(args=args, args_parser=parser, task_function=_task,
+               config_path=CONFIG_MODULE, config_name=CONFIG_NAME)
+    sweep = last_sweep_dir() if args.multirun else None
+    if sweep is not None:
+        bad = [(p.name, run_status(p)) for p in sweep_runs(sweep) if run_status(p) != "completed"]
+        if bad:
+            listed = ", ".join(f"{name} ({status})" for name, status in bad)
+            return _fail(f"{len(bad)} run(s) of the sweep {sweep} did not complete: {listed}")
+    return 0
+
+
+def _task(cfg) -> dict:
+    """Hydra's task function: one run in its own output directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from growrun.train.run import run
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        return run(cfg, run_dir)
+    except GrowrunError as ex:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # The sweep goes on; the run's summary.json says "failed" and the CLI lists it.
+            print(f"growrun: error: [{run_dir}] {ex}", file=sys.stderr)
+            return {"status": "failed", "error": str(ex)}
+        sys.exit(_fail(str(ex)))
+
+
+def resume(rest: list[str]) -> int:
+    """Re-run a run's own overrides in its directory with resume=true (each run of a sweep)."""
+    from omegaconf import OmegaConf
+
+    from growrun.sweep import run_status, sweep_runs
+
+    if not rest:
+        raise GrowrunError("resume needs a run or sweep directory: growrun resume DIR [OVERRIDES]")
+    target, extra = Path(rest[0]), rest[1:]
+    runs = [target] if (target / ".hydra").is_dir() else sweep_runs(target)
+    if not runs:
+        raise GrowrunError(f"{target}: not a growrun run or sweep directory (no .hydra/ inside)")
+    failed = 0
+    for run_dir in runs:
+        if run_status(run_dir) == "completed" and len(runs) > 1:
+            continue
+        overrides = [o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+                     if not o.startswith(("resume=", "hydra.run.dir="))]
+        command = [sys.executable, "-m", "growrun", "train", *overrides, *extra,
+                   "resume=true", f"hydra.run.dir={run_dir}"]
+        print(f"growrun: resuming {run_dir}", file=sys.stderr)
+        failed += subprocess.call(command) != 0
+    return 1 if failed else 0
+
+
+def report(rest: list[str]) -> int:
+    from growrun.report.cli import report_main
+
+    return report_main(rest)

@@ -1,0 +1,64 @@
+"""Check a composed config against the choices and ranges declared in growrun.config.schema.
+
+OmegaConf already enforces types; this adds what types cannot say (lr > 0, name in a list).
+Each failure is a one-line GrowrunError naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from growrun.config.schema import TrainConfig
+from growrun.errors import GrowrunError
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise GrowrunError for the first value outside its declared choices or range."""
+    _check(TrainConfig, cfg, "")
+
+
+def _check(schema: type, node: Any, prefix: str) -> None:
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        value = OmegaConf.select(node, f.name) if isinstance(node, DictConfig) else getattr(node, f.name)
+        sub = _nested_schema(f)
+        if sub is not None:
+            _check(sub, value, key + ".")
+            continue
+        if value is None:
+            continue
+        allowed = f.metadata.get("choices")
+        if allowed and value not in allowed:
+            raise GrowrunError(f"{key}={value}: not an allowed value; choose one of {', '.join(allowed)}")
+        bounds = f.metadata.get("range")
+        if bounds and not _in_range(value, bounds):
+            raise GrowrunError(f"{key}={value}: out of range; must be {_describe(bounds)}")
+
+
+def _nested_schema(f: dataclasses.Field) -> type | None:
+    """The dataclass a nested config field is built from (annotations are strings here)."""
+    factory = f.default_factory
+    if factory is not dataclasses.MISSING and isinstance(factory, type) and dataclasses.is_dataclass(factory):
+        return factory
+    return None
+
+
+def _in_range(value: float, bounds: tuple) -> bool:
+    lo, hi, lo_open, hi_open = bounds
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        return False
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        return False
+    return True
+
+
+def _describe(bounds: tuple) -> str:
+    lo, hi, lo_open, hi_open = bounds
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    return " and ".join(parts)

@@ -1,0 +1,200 @@
+"""Network surgery: insert neurons into a site in place, and try them out before inserting.
+
+insert_neurons  appends K neurons: rows of W1 (+ bias), BatchNorm channels initialised to be the
+                identity on the new channels' measured distribution (tiny_math.md section 5:
+                running mean/var = measured mean/var, weight = sqrt(var + eps), bias = mean), and
+                columns of W2. The optimizer keeps the state of existing entries; new entries
+                start at zero.
+candidate       makes the model compute what it would compute after insert_neurons at amplitude
+                gamma, with forward hooks only (no module is rebuilt), for the line search.
+new_channel_moments  the mean and variance of the new pre-activations z = L1op(x; w1, b1).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growrun.growth.site import Neurons, Site, frozen_bn_stats
+
+
+def l1_op(site: Site, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> torch.Tensor:
+    """The new neurons' pre-activations: L1's operation with their fan-in."""
+    if site.is_conv:
+        return F.conv2d(x, w1, b1, site.l1.stride, site.l1.padding)
+    return F.linear(x, w1, b1)
+
+
+def l2_op(site: Site, h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The new neurons' contribution to L2's output (no bias: L2's bias is already there)."""
+    if site.is_conv:
+        return F.conv2d(h, w2, None, site.l2.stride, site.l2.padding)
+    return F.linear(h, w2)
+
+
+def _activation(site: Site, z: torch.Tensor) -> torch.Tensor:
+    return F.relu(z) if site.activation == "relu" else z
+
+
+def _bn_identity_params(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor):
+    """(weight, bias) that make BN the identity for a channel of this mean and variance."""
+    return (var + bn.eps).sqrt(), mean
+
+
+@torch.no_grad()
+def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = None,
+                   bn_var: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Append `neurons` (already scaled by gamma; moments by gamma and gamma^2) to the site."""
+    k = neurons.count
+    l1, l2, bn = site.l1, site.l2, site.bn
+    ref = l1.weight
+    w1 = neurons.w1.to(ref)
+    _grow(l1, "weight", w1, 0, optimizer)
+    if l1.bias is not None:
+        b1 = neurons.b1 if neurons.b1 is not None else torch.zeros(k)
+        _grow(l1, "bias", b1.to(ref), 0, optimizer)
+    if bn is not None:
+        _require_moments(site, bn_mean, bn_var)
+        mean, var = bn_mean.to(ref), bn_var.to(ref)
+        if bn.affine:
+            weight, bias = _bn_identity_params(bn, mean, var)
+            _grow(bn, "weight", weight, 0, optimizer)
+            _grow(bn, "bias", bias, 0, optimizer)
+        if bn.track_running_stats:
+            bn.running_mean = torch.cat([bn.running_mean, mean])
+            bn.running_var = torch.cat([bn.running_var, var])
+        bn.num_features += k
+    _grow(l2, "weight", neurons.w2.to(ref), 1, optimizer)
+    if site.is_conv:
+        l1.out_channels += k
+        l2.in_channels += k
+    else:
+        l1.out_features += k
+        l2.in_features += k
+
+
+def _require_moments(site: Site, mean, var) -> None:
+    if mean is None or var is None:
+        raise ValueError(f"site {site.name} has BatchNorm: the new channels' mean and variance are needed "
+                         "(new_channel_moments)")
+
+
+def _grow(module: nn.Module, name: str, extra: torch.Tensor, dim: int,
+          optimizer: torch.optim.Optimizer | None) -> None:
+    old = getattr(module, name)
+    new = nn.Parameter(torch.cat([old.detach(), extra], dim), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    if optimizer is not None:
+        replace_parameter(optimizer, old, new, dim)
+
+
+def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int) -> None:
+    """Put `new` where `old` was in the optimizer; per-entry state is copied for the old entries
+    and zero for the appended ones (along `dim`); scalar state (e.g. Adam's step) is kept."""
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    grown = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            pad_shape = list(value.shape)
+            pad_shape[dim] = new.shape[dim] - old.shape[dim]
+            value = torch.cat([value, value.new_zeros(pad_shape)], dim)
+        grown[key] = value
+    optimizer.state[new] = grown
+
+
+@torch.no_grad()
+def apply_weight_update(site: Site, dw2: torch.Tensor, db2: torch.Tensor | None, scale: float) -> None:
+    """L2.weight += scale * dw2 (and L2.bias += scale * db2), in place."""
+    site.l2.weight.add_(dw2.to(site.l2.weight), alpha=scale)
+    if db2 is not None and site.l2.bias is not None:
+        site.l2.bias.add_(db2.to(site.l2.bias), alpha=scale)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once what was needed is measured."""
+
+
+@torch.no_grad()
+def new_channel_moments(model: nn.Module, site: Site, neurons: Neurons,
+                        batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-neuron mean and biased variance of z = L1op(x; w1, b1) over all samples and positions,
+    x being L1's input when `model` (in its current mode) runs on `batches`. Nothing changes."""
+    acc: list[torch.Tensor] = []
+
+    def hook(_module, inputs, _output):
+        z = l1_op(site, inputs[0], neurons.w1.to(inputs[0]), None if neurons.b1 is None else neurons.b1.to(inputs[0]))
+        z = z.double().transpose(0, 1).reshape(z.shape[1], -1)
+        stats = torch.stack([z.new_full((z.shape[0],), z.shape[1]), z.sum(1), (z * z).sum(1)])
+        acc.append(stats if not acc else acc.pop() + stats)
+        raise _Stop
+
+    handle = site.l1.register_forward_hook(hook)
+    try:
+        with frozen_bn_stats(model):
+            for x in batches:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if not acc:
+        raise ValueError("new_channel_moments: no batches")
+    count, s1, s2 = acc[0]
+    mean = s1 / count
+    var = (s2 / count - mean * mean).clamp_min(0.0)
+    dtype = site.l1.weight.dtype
+    return mean.to(dtype), var.to(dtype)
+
+
+class CandidateHandle:
+    """The neurons attached to the site by `candidate`; set .gamma between forward passes."""
+
+    def __init__(self, site: Site, neurons: Neurons, bn_mean, bn_var):
+        self.site, self.neurons, self.bn_mean, self.bn_var = site, neurons, bn_mean, bn_var
+        self.gamma = 0.0
+        self._x: torch.Tensor | None = None
+
+    def _capture(self, _module, inputs, _output) -> None:
+        self._x = inputs[0]
+
+    def _add(self, _module, _inputs, output: torch.Tensor):
+        x, self._x = self._x, None
+        if self.gamma == 0.0 or self.neurons.count == 0:
+            return None
+        g, site, nr = self.gamma, self.site, self.neurons
+        z = l1_op(site, x, g * nr.w1.to(x), None if nr.b1 is None else g * nr.b1.to(x))
+        bn = site.bn
+        if bn is not None:
+            mean, var = g * self.bn_mean.to(z), g * g * self.bn_var.to(z)
+            weight, bias = _bn_identity_params(bn, mean, var)
+            if not bn.affine:
+                weight = bias = None
+            z = F.batch_norm(z, mean.clone(), var.clone(), weight, bias, bn.training or not bn.track_running_stats,
+                             0.0, bn.eps)
+        return output + l2_op(site, _activation(site, z), g * nr.w2.to(z))
+
+
+@contextmanager
+def candidate(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = None,
+              bn_var: torch.Tensor | None = None) -> Iterator[CandidateHandle]:
+    """While active, forward passes compute what the model computes after
+    insert_neurons(site, neurons.scaled(g), g * bn_mean, g^2 * bn_var), g = handle.gamma."""
+    if site.bn is not None:
+        _require_moments(site, bn_mean, bn_var)
+    handle = CandidateHandle(site, neurons, bn_mean, bn_var)
+    hooks = [site.l1.register_forward_hook(handle._capture), site.l2.register_forward_hook(handle._add)]
+    try:
+        yield handle
+    finally:
+        for h in hooks:
+            h.remove()

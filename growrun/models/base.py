@@ -1,0 +1,49 @@
+"""What every growable model provides, and the helpers they share.
+
+A model's architecture description (`arch()`) is a JSON-able dict that `build_model` turns back
+into a model of identical shapes; checkpoints store it so that grown widths can be rebuilt
+before the weights are loaded. Growth sites are exposed by stable names in a fixed order.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from torch import nn
+
+from growrun.errors import GrowrunError
+from growrun.growth.site import Site
+
+
+class GrowableModel(nn.Module):
+    """Base class: subclasses set self._site_names and implement _site(name) and arch()."""
+
+    def sites(self) -> "OrderedDict[str, Site]":
+        """Name -> Site over the live modules (widths reflect every growth so far)."""
+        return OrderedDict((name, self._site(name)) for name in self.site_names())
+
+    def site_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _site(self, name: str) -> Site:
+        raise NotImplementedError
+
+    def arch(self) -> dict:
+        raise NotImplementedError
+
+
+def scaled(width: float, full: int) -> int:
+    """ceil(width * full), the width of a layer at a fraction of the full architecture."""
+    return int(math.ceil(width * full - 1e-9))
+
+
+def site_widths_from_config(cfg, full: list[int], names: list[str]) -> list[int]:
+    """Starting site widths: cfg.site_widths, else ceil(f * full) with f = start_fraction or width."""
+    if cfg.site_widths is not None:
+        widths = [int(w) for w in cfg.site_widths]
+        if len(widths) != len(full) or min(widths, default=0) < 0:
+            raise GrowrunError(f"model.site_widths={widths}: needs {len(full)} widths >= 0, one per site "
+                               f"({', '.join(names)})")
+        return widths
+    frac = cfg.start_fraction if cfg.start_fraction is not None else cfg.width
+    return [scaled(frac, f) for f in full]

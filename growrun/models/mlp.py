@@ -1,0 +1,42 @@
+"""A multilayer perceptron on flattened images; every hidden layer is a growth site.
+
+flatten -> Linear(D, h1) -> [BN1d] -> ReLU -> ... -> Linear(hL, C). Site fcI is the I-th hidden
+layer: L1 = the Linear producing it, L2 = the next Linear (both with bias).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growrun.growth.site import Site
+from growrun.models.base import GrowableModel
+from growrun.models.layers import BatchNorm1d, Linear
+
+
+class MLP(GrowableModel):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int = 10, batchnorm: bool = True):
+        super().__init__()
+        self.in_features, self.num_classes, self.batchnorm = in_features, num_classes, batchnorm
+        widths = [in_features, *hidden, num_classes]
+        self.linears = nn.ModuleList(Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.norms = nn.ModuleList(BatchNorm1d(h) for h in hidden) if batchnorm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        for i, linear in enumerate(self.linears[:-1]):
+            x = linear(x)
+            x = F.relu(self.norms[i](x) if self.norms is not None else x)
+        return self.linears[-1](x)
+
+    def site_names(self) -> list[str]:
+        return [f"fc{i + 1}" for i in range(len(self.linears) - 1)]
+
+    def _site(self, name: str) -> Site:
+        i = int(name[2:]) - 1
+        bn = self.norms[i] if self.norms is not None else None
+        return Site(name, self.linears[i], self.linears[i + 1], bn, "relu")
+
+    def arch(self) -> dict:
+        return {"name": "mlp", "in_features": self.in_features, "num_classes": self.num_classes,
+                "hidden": [lin.out_features for lin in self.linears[:-1]], "batchnorm": self.batchnorm}

@@ -1,0 +1,53 @@
+"""Optimizers and per-step learning-rate schedules (configs/optim/*.yaml).
+
+Weight decay applies to conv/linear weights; BatchNorm parameters and biases (tensors of one
+dimension) are exempt unless optim.decay_norm_and_bias is set. Groups are built in
+model.named_parameters() order, so a model rebuilt from its checkpointed architecture gets an
+optimizer whose state_dict loads position by position, grown parameters included.
+
+The schedule is a LambdaLR stepped once per batch:
+    warm-up   lr * (s + 1) / W                        for s < W = warmup_epochs * steps/epoch
+    cosine    lr * (r + (1 - r) * (1 + cos(pi t)) / 2) t = (s - W) / (T - W), r = min_lr_ratio
+    step      lr * step_gamma ** (number of milestones m * T passed)
+    constant  lr
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    decay, exempt = [], []
+    for _, p in model.named_parameters():
+        (exempt if p.ndim <= 1 and not cfg.decay_norm_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": exempt, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    raise ValueError(f"optim.name={cfg.name}")
+
+
+def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int) -> float:
+    """The multiplier of cfg.lr at optimizer step `step` (0-based) of a run of total_steps."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        passed = sum(step >= m * total_steps for m in cfg.milestones)
+        return cfg.step_gamma ** passed
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int) -> LambdaLR:
+    total = max(1, steps_per_epoch * epochs)
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch))

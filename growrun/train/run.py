@@ -1,0 +1,176 @@
+"""One run, start to finish: build everything from the config, train, write the outputs.
+
+Called by the CLI's Hydra task with the composed config and the run directory. Resuming
+(resume=true) rebuilds the model from the architecture stored in checkpoints/last.pt (grown
+widths included), restores optimizer, scheduler, growth and RNG states, and trims the CSV
+logs to the checkpoint, so the continued run is the uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from growrun.config.validate import validate
+from growrun.data import load_data
+from growrun.errors import GrowrunError
+from growrun.models import build_model, count_flops, count_params, initial_arch
+from growrun.train import runtime
+from growrun.train.optim import build_optimizer, build_scheduler
+from growrun.train.outputs import CsvLog, load_checkpoint, save_checkpoint, write_summary
+from growrun.train.trainer import Trainer
+
+log = logging.getLogger("growrun")
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    validate(cfg)
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT).exists() and not cfg.resume:
+        raise GrowrunError(f"{run_dir} already holds a checkpoint; add resume=true to continue it "
+                           "or choose another hydra.run.dir")
+    summary: dict = {"status": "running", "run_dir": str(run_dir)}
+    session = None
+    try:
+        session = _Session(cfg, run_dir)
+        summary = session.train()
+        return summary
+    except GrowrunError as ex:
+        summary.update(status="failed", error=str(ex))
+        raise
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", error="interrupted by the user")
+        raise
+    except Exception as ex:
+        summary.update(status="failed", error=f"{type(ex).__name__}: {ex}")
+        raise
+    finally:
+        if session is not None and summary.get("status") != "completed":
+            summary.update(session.progress_summary())
+        write_summary(run_dir / "summary.json", summary)
+
+
+class _Session:
+    """The objects of one run and the bookkeeping around the Trainer."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        t = cfg.trainer
+        runtime.configure(t.threads, t.deterministic)
+        self.device = runtime.resolve_device(cfg.device)
+        if t.precision == "bf16" and self.device.type != "cuda":
+            raise GrowrunError(f"trainer.precision=bf16 needs a CUDA device; this run is on {self.device}")
+        ckpt_path = run_dir / CHECKPOINT
+        ckpt = load_checkpoint(ckpt_path, self.device) if cfg.resume and ckpt_path.exists() else None
+        runtime.seed_everything(cfg.seed)
+        self.data = load_data(cfg.dataset, self.device, cfg.seed)
+        arch = ckpt["arch"] if ckpt else initial_arch(cfg.model, self.data.num_classes, self.data.input_shape)
+        self.model = build_model(arch).to(self.device)
+        if ckpt:
+            self.model.load_state_dict(ckpt["model"])
+        optimizer = build_optimizer(self.model, cfg.optim)
+        steps = _steps_per_epoch(len(self.data.train.labels), t.batch_size)
+        scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs)
+        growth = _make_growth(cfg, run_dir)
+        self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth)
+        self.site_names = list(self.model.sites())
+        self.metrics = CsvLog(run_dir / "metrics.csv", self._metric_columns())
+        self.total_seconds = 0.0
+        self.growth_seconds = 0.0
+        self.best = (float("nan"), 0)  # (best test accuracy, its epoch)
+        self.last: dict = {}
+        if ckpt:
+            self.trainer.load_state_dict(ckpt["trainer"])
+            runtime.set_rng_state(ckpt["rng"])
+            self.total_seconds, self.growth_seconds = ckpt["total_seconds"], ckpt["growth_seconds"]
+            self.best, self.last = tuple(ckpt["best"]), ckpt["last"]
+            log.info("resumed %s at epoch %d (step %d)", run_dir, self.trainer.epoch, self.trainer.step)
+        done = self.trainer.epoch
+        self.metrics.start(keep=(lambda row: int(row["epoch"]) <= done) if ckpt else None)
+        if growth is not None:
+            growth.start_log(keep_until_step=self.trainer.step if ckpt else None)
+
+    def _metric_columns(self) -> list[str]:
+        cols = ["epoch", "step", "lr", "train_loss", "train_acc"]
+        cols += [f"{s}_{m}" for s in ("val", "test") if s in self.trainer.eval_loaders for m in ("loss", "acc")]
+        cols += ["params", "flops_per_image", "epoch_seconds", "growth_seconds", "total_seconds"]
+        return cols + [f"width:{name}" for name in self.site_names]
+
+    def train(self) -> dict:
+        cfg, tr = self.cfg, self.trainer
+        log.info("run dir %s | %s on %s | %d train / %d test images | %d params", self.run_dir,
+                 cfg.model.name, self.device, len(self.data.train.labels), len(self.data.test.labels),
+                 count_params(self.model))
+        while tr.epoch < cfg.trainer.epochs:
+            t0 = time.time()
+            row = tr.train_epoch()
+            tr.epoch += 1
+            last_epoch = tr.epoch == cfg.trainer.epochs
+            if tr.epoch % cfg.trainer.eval_every == 0 or last_epoch:
+                for split in tr.eval_loaders:
+                    row[f"{split}_loss"], row[f"{split}_acc"] = tr.evaluate(split)
+            seconds = time.time() - t0
+            self.total_seconds += seconds
+            self.growth_seconds += row["growth_seconds"]
+            row.update(epoch=tr.epoch, step=tr.step, lr=tr.current_lr(), params=count_params(self.model),
+                       flops_per_image=count_flops(self.model, self.data.input_shape),
+                       epoch_seconds=seconds, total_seconds=self.total_seconds)
+            row.update({f"width:{n}": s.width for n, s in self.model.sites().items()})
+            if "test_acc" in row and not row["test_acc"] <= self.best[0]:
+                self.best = (row["test_acc"], tr.epoch)
+            self.last = row
+            self.metrics.append([row])
+            if cfg.trainer.checkpoint:
+                self._save()
+            log.info("epoch %d/%d  train %.4f / %.2f%%  %s  %.1fs", tr.epoch, cfg.trainer.epochs,
+                     row["train_loss"], 100 * row["train_acc"], _eval_text(row), seconds)
+        summary = {"status": "completed", "run_dir": str(self.run_dir), **self.progress_summary()}
+        log.info("done: test acc %.2f%% (best %.2f%% at epoch %d), %.0f s",
+                 100 * self.last.get("test_acc", float("nan")), 100 * self.best[0], self.best[1],
+                 self.total_seconds)
+        return summary
+
+    def _save(self) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT, {
+            "arch": self.model.arch(), "model": self.model.state_dict(), "trainer": self.trainer.state_dict(),
+            "rng": runtime.rng_state(), "total_seconds": self.total_seconds,
+            "growth_seconds": self.growth_seconds, "best": list(self.best), "last": self.last,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        })
+
+    def progress_summary(self) -> dict:
+        last = self.last
+        return {
+            "epochs_done": self.trainer.epoch, "epochs": self.cfg.trainer.epochs, "step": self.trainer.step,
+            "final": {k: last[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+                      if k in last},
+            "best_test_acc": self.best[0], "best_epoch": self.best[1],
+            "params": count_params(self.model),
+            "flops_per_image": count_flops(self.model, self.data.input_shape),
+            "total_seconds": self.total_seconds, "growth_seconds": self.growth_seconds,
+            "widths": {n: s.width for n, s in self.model.sites().items()},
+            "arch": self.model.arch(),
+        }
+
+
+def _steps_per_epoch(n_train: int, batch_size: int) -> int:
+    if n_train < batch_size:
+        raise GrowrunError(f"trainer.batch_size={batch_size}: larger than the {n_train} training images; "
+                           f"use at most {n_train}")
+    return n_train // batch_size
+
+
+def _eval_text(row: dict) -> str:
+    parts = [f"{s} {row[s + '_loss']:.4f} / {100 * row[s + '_acc']:.2f}%" for s in ("val", "test") if s + "_acc" in row]
+    return "  ".join(parts)
+
+
+def _make_growth(cfg: DictConfig, run_dir: Path):
+    if cfg.growth.method == "none":
+        return None
+    from growrun.growth.controller import GrowthController
+
+    return GrowthController(cfg, run_dir)

@@ -1,0 +1,187 @@
+"""Surgery: insertion preserves the function at gamma = 0, the candidate equals the real
+insertion at any gamma, BN starts as the identity, optimizer state survives growth."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from growrun.growth.site import Neurons, frozen_bn_stats
+from growrun.growth.surgery import candidate, insert_neurons, new_channel_moments
+from growrun.models import build_model
+from growrun.train.optim import build_optimizer
+
+# (arch, site name). A width-0 site of a VGG or MLP cuts the signal (no residual path), so such
+# sites are only grown themselves, never used upstream of the site under test.
+CASES = [
+    ({"name": "resnet18", "in_channels": 3, "num_classes": 10, "stream": [4, 8, 8, 8], "hidden": [2, 0, 3, 1, 2, 2, 2, 2]}, "layer1.0"),
+    ({"name": "resnet18", "in_channels": 3, "num_classes": 10, "stream": [4, 8, 8, 8], "hidden": [2, 0, 3, 1, 2, 2, 2, 2]}, "layer1.1"),
+    ({"name": "resnet18", "in_channels": 3, "num_classes": 10, "stream": [4, 8, 8, 8], "hidden": [2, 0, 3, 1, 2, 2, 2, 2]}, "layer2.0"),
+    ({"name": "vgg", "in_channels": 3, "num_classes": 5, "stream": [4, 6, 6, 6], "hidden": [2, 3, 1, 2], "batchnorm": True}, "stage2"),
+    ({"name": "vgg", "in_channels": 3, "num_classes": 5, "stream": [4, 6, 6, 6], "hidden": [2, 3, 0, 2], "batchnorm": False}, "stage3"),
+    ({"name": "mlp", "in_features": 3 * 16 * 16, "num_classes": 5, "hidden": [6, 2], "batchnorm": True}, "fc1"),
+    ({"name": "mlp", "in_features": 3 * 16 * 16, "num_classes": 5, "hidden": [6, 0], "batchnorm": True}, "fc2"),
+    ({"name": "mlp", "in_features": 3 * 16 * 16, "num_classes": 5, "hidden": [6, 4], "batchnorm": False}, "fc1"),
+]
+IDS = [f"{a['name']}-bn{a.get('batchnorm', True)}-{s}" for a, s in CASES]
+
+
+def random_neurons(site, k: int, gen: torch.Generator) -> Neurons:
+    w1 = torch.randn(k, *site.l1.weight.shape[1:], generator=gen, dtype=torch.float64)
+    b1 = torch.randn(k, generator=gen, dtype=torch.float64) if site.l1.bias is not None else None
+    shape = (site.out_width, k, *site.l2.kernel_size) if site.is_conv else (site.out_width, k)
+    return Neurons(w1, b1, 0.5 * torch.randn(*shape, generator=gen, dtype=torch.float64))
+
+
+def make(arch, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(arch).double()
+    x = torch.randn(16, 3, 16, 16, dtype=torch.float64)
+    model.train()
+    model(x)  # non-trivial BN running stats
+    return model, x
+
+
+@pytest.mark.parametrize("arch, name", CASES, ids=IDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_insertion_at_gamma_zero_preserves_the_function(arch, name, mode):
+    model, x = make(arch)
+    model.train(mode == "train")
+    site = model.sites()[name]
+    neurons = random_neurons(site, 3, torch.Generator().manual_seed(1))
+    mean, var = new_channel_moments(model, site, neurons, [x])
+    with frozen_bn_stats(model):
+        before = model(x)
+    insert_neurons(site, neurons.scaled(0.0), 0 * mean, 0 * var)
+    with frozen_bn_stats(model):
+        after = model(x)
+    assert model.sites()[name].width == site.width
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch, name", CASES, ids=IDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_candidate_equals_real_insertion(arch, name, mode):
+    model, x = make(arch)
+    model.train(mode == "train")
+    site = model.sites()[name]
+    neurons = random_neurons(site, 3, torch.Generator().manual_seed(2))
+    mean, var = new_channel_moments(model, site, neurons, [x[:8], x[8:]])
+    gamma = 0.7
+    with frozen_bn_stats(model):
+        plain = model(x)
+        with candidate(site, neurons, mean, var) as cand:
+            cand.gamma = 0.0
+            at_zero = model(x)
+            cand.gamma = gamma
+            tried = model(x)
+        assert len(site.l1._forward_hooks) == 0 and len(site.l2._forward_hooks) == 0
+    torch.testing.assert_close(at_zero, plain, rtol=0, atol=0)
+    assert (tried - plain).abs().max() > 1e-3  # the neurons do change the function
+    grown = copy.deepcopy(model)
+    grown_site = grown.sites()[name]
+    insert_neurons(grown_site, neurons.scaled(gamma), gamma * mean, gamma**2 * var)
+    with frozen_bn_stats(grown):
+        torch.testing.assert_close(grown(x), tried, rtol=1e-10, atol=1e-10)
+    assert grown.sites()[name].width == site.width + 3
+    assert grown.arch()["hidden"][list(grown.sites()).index(name)] == site.width + 3
+
+
+def test_new_channel_moments_match_brute_force():
+    arch, name = CASES[2]
+    model, x = make(arch)
+    site = model.sites()[name]
+    neurons = random_neurons(site, 4, torch.Generator().manual_seed(3))
+    seen = []
+    handle = site.l1.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with frozen_bn_stats(model):  # train mode: L1's input depends on the batch, so use the same two
+        model(x[:5]), model(x[5:])
+    handle.remove()
+    z = torch.nn.functional.conv2d(torch.cat(seen), neurons.w1, None, site.l1.stride, site.l1.padding)
+    state = copy.deepcopy(model.state_dict())
+    mean, var = new_channel_moments(model, site, neurons, [x[:5], x[5:]])
+    torch.testing.assert_close(mean, z.mean((0, 2, 3)))
+    torch.testing.assert_close(var, z.var((0, 2, 3), unbiased=False))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing changed
+
+
+def test_new_bn_channels_are_the_identity_in_eval_mode():
+    arch, name = CASES[0]
+    model, x = make(arch)
+    site = model.sites()[name]
+    neurons = random_neurons(site, 3, torch.Generator().manual_seed(4))
+    mean, var = new_channel_moments(model, site, neurons, [x])
+    insert_neurons(site, neurons, mean, var)
+    model.eval()
+    pre, post = [], []
+    h1 = site.l1.register_forward_hook(lambda m, i, o: pre.append(o))
+    h2 = site.bn.register_forward_hook(lambda m, i, o: post.append(o))
+    model(x)
+    h1.remove(), h2.remove()
+    torch.testing.assert_close(post[0][:, -3:], pre[0][:, -3:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_optimizer_state_survives_growth(opt_name):
+    from types import SimpleNamespace
+
+    arch, name = CASES[0]
+    torch.manual_seed(0)
+    model = build_model(arch)
+    cfg = SimpleNamespace(name=opt_name, lr=0.01, momentum=0.9, nesterov=True, betas=[0.9, 0.99],
+                          weight_decay=1e-4, decay_norm_and_bias=False)
+    opt = build_optimizer(model, cfg)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    site = model.sites()[name]
+    old = {"w1": site.l1.weight, "w2": site.l2.weight, "bnw": site.bn.weight}
+    old_state = {k: {s: v.clone() for s, v in opt.state[p].items()} for k, p in old.items()}
+    neurons = random_neurons(site, 2, torch.Generator().manual_seed(5))
+    neurons = Neurons(neurons.w1.float(), None, neurons.w2.float())
+    mean, var = new_channel_moments(model, site, neurons, [x])
+    insert_neurons(site, neurons.scaled(0.1), 0.1 * mean, 0.01 * var, optimizer=opt)
+    params = {p for g in opt.param_groups for p in g["params"]}
+    assert params == set(model.parameters())
+    assert not any(p in opt.state for p in old.values())
+    new = {"w1": (site.l1.weight, 0), "w2": (site.l2.weight, 1), "bnw": (site.bn.weight, 0)}
+    key = "momentum_buffer" if opt_name == "sgd" else "exp_avg"
+    for k, (p, dim) in new.items():
+        buf = opt.state[p][key]
+        n_old = old[k].shape[dim]
+        assert torch.equal(buf.narrow(dim, 0, n_old), old_state[k][key])
+        assert torch.count_nonzero(buf.narrow(dim, n_old, 2)) == 0
+        if opt_name == "adamw":
+            assert torch.equal(opt.state[p]["step"], old_state[k]["step"])
+    before = site.l1.weight.detach().clone()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(site.l1.weight, before)
+    # a model rebuilt from its arch with a fresh optimizer loads both state dicts
+    twin = build_model(model.arch())
+    twin.load_state_dict(model.state_dict())
+    twin_opt = build_optimizer(twin, cfg)
+    twin_opt.load_state_dict(opt.state_dict())
+    twin_site = twin.sites()[name]
+    torch.testing.assert_close(twin_opt.state[twin_site.l1.weight][key], opt.state[site.l1.weight][key])
+
+
+def test_grow_width_zero_site_twice():
+    arch, name = CASES[1]  # layer1.1 starts at width 0
+    model, x = make(arch)
+    gen = torch.Generator().manual_seed(6)
+    for k in (2, 3):
+        site = model.sites()[name]
+        neurons = random_neurons(site, k, gen)
+        mean, var = new_channel_moments(model, site, neurons, [x])
+        with frozen_bn_stats(model), candidate(site, neurons, mean, var) as cand:
+            cand.gamma = 0.3
+            tried = model(x)
+        insert_neurons(site, neurons.scaled(0.3), 0.3 * mean, 0.09 * var)
+        with frozen_bn_stats(model):
+            torch.testing.assert_close(model(x), tried, rtol=1e-10, atol=1e-10)
+    assert model.sites()[name].width == 5
