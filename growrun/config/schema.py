@@ -123,6 +123,7 @@ class TrainerConfig:
     eval_every: int = bounded(1, 1)  # evaluate every this many epochs (and always at the end)
     threads: int = bounded(0, 0)  # torch intra-op threads (0: torch's default)
     deterministic: bool = True  # deterministic algorithms (exact on CPU)
+    channels_last: bool = True  # NHWC memory format for convs (~1.3x faster on CPU here)
     checkpoint: bool = True  # write checkpoints/last.pt at the end of every epoch
 
 

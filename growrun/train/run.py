@@ -74,7 +74,7 @@ class _Session:
         optimizer = build_optimizer(self.model, cfg.optim)
         steps = _steps_per_epoch(len(self.data.train.labels), t.batch_size)
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs)
-        growth = _make_growth(cfg, run_dir)
+        growth = _make_growth(cfg, run_dir, self.model, steps)
         self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth)
         self.site_names = list(self.model.sites())
         self.metrics = CsvLog(run_dir / "metrics.csv", self._metric_columns())
@@ -168,9 +168,9 @@ def _eval_text(row: dict) -> str:
     return "  ".join(parts)
 
 
-def _make_growth(cfg: DictConfig, run_dir: Path):
+def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int):
     if cfg.growth.method == "none":
         return None
     from growrun.growth.controller import GrowthController
 
-    return GrowthController(cfg, run_dir)
+    return GrowthController(cfg, run_dir, model, steps_per_epoch)

@@ -49,8 +49,18 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if t.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.prepare_model()
         progress = t.progress
         self.show_progress = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+
+    def prepare_model(self) -> None:
+        """Put the parameters in the configured memory format (again after growth)."""
+        self.model.to(memory_format=self.memory_format)
+
+    def _batches(self, loader: BatchLoader, epoch: int):
+        for x, y in loader.epoch(epoch):
+            yield x.contiguous(memory_format=self.memory_format), y
 
     @property
     def steps_per_epoch(self) -> int:
@@ -63,7 +73,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, growth_seconds = 0, 0.0
-        bar = tqdm(self.train_loader.epoch(self.epoch), total=self.steps_per_epoch, leave=False,
+        bar = tqdm(self._batches(self.train_loader, self.epoch), total=self.steps_per_epoch, leave=False,
                    desc=f"epoch {self.epoch + 1}/{self.cfg.trainer.epochs}", disable=not self.show_progress,
                    dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
@@ -95,7 +105,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
-        for x, y in self.eval_loaders[name].epoch(0):
+        for x, y in self._batches(self.eval_loaders[name], 0):
             with self.autocast:
                 out = model(x)
             loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()

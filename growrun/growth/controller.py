@@ -1,0 +1,205 @@
+"""Growth during training: the trainer asks `due(step)` after every optimizer step, and
+`grow(trainer)` runs one growth event (tiny_math.md section 7):
+
+    1. draw the statistics samples and a disjoint line-search batch from the training set
+       (seeded by (seed, event): a resumed run redraws the same ones), no augmentation;
+    2. one statistics pass over the sites that may grow (growrun.growth.stats);
+    3. per chosen site: propose neurons (growrun.growth.neurons), measure the new channels'
+       moments for BatchNorm, line-search gamma (growrun.growth.linesearch), insert them
+       (growrun.growth.surgery) with the optimizer state extended;
+    4. append one row per site to growth.csv.
+
+Function-preserving methods (gradmax, zero) skip the line search: gamma = 1, their fan-out
+scale is their own. Statistics and line search run in training mode (the mode training
+continues in) without touching BatchNorm running statistics.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from growrun.data.loader import derive_seed
+from growrun.growth import policy
+from growrun.growth.adaptive import adaptive_count
+from growrun.growth.linesearch import SearchResult, line_search
+from growrun.growth.neurons import Proposal, propose
+from growrun.growth.site import frozen_bn_stats
+from growrun.growth.stats import collect_statistics
+from growrun.growth.surgery import apply_weight_update, insert_neurons, new_channel_moments
+from growrun.models import count_params, full_site_widths
+from growrun.train.outputs import CsvLog
+
+log = logging.getLogger("growrun")
+_GROWTH_STREAM = 0x67726F77
+FUNCTION_PRESERVING = ("gradmax", "zero")
+COLUMNS = ["event", "epoch", "step", "site", "method", "requested", "added", "width_after", "params_after",
+           "psi", "d_w", "lambdas_top", "bottleneck_gain", "first_order", "gamma", "predicted_gain",
+           "loss_before", "loss_candidate", "loss_after", "measured_gain", "stats_seconds", "solve_seconds",
+           "search_seconds"]
+
+
+class GrowthController:
+    def __init__(self, cfg, run_dir: Path, model, steps_per_epoch: int):
+        self.cfg, self.g, self.steps_per_epoch = cfg, cfg.growth, steps_per_epoch
+        self.schedule = set(policy.growth_steps(self.g, steps_per_epoch, cfg.trainer.epochs))
+        sites = model.sites()
+        self.names = list(sites)
+        current = [s.width for s in sites.values()]
+        self.targets = policy.target_widths(self.g, self.names, full_site_widths(model.arch(), cfg.model), current)
+        self.start = dict(zip(self.names, current))
+        self.event, self.turn = 0, 0
+        self.model = model  # grown in place: the same object for the whole run
+        self.log = CsvLog(run_dir / "growth.csv", COLUMNS)
+
+    # --- the trainer's interface -------------------------------------------------------------
+    def start_log(self, keep_until_step: int | None) -> None:
+        self.log.start(keep=(lambda row: int(row["step"]) <= keep_until_step) if keep_until_step is not None else None)
+
+    def due(self, step: int) -> bool:
+        return step in self.schedule and self._budget_left() and bool(self._pending_names())
+
+    def state_dict(self) -> dict:
+        return {"event": self.event, "turn": self.turn, "start": dict(self.start)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.event, self.turn, self.start = state["event"], state["turn"], dict(state["start"])
+
+    def grow(self, trainer) -> float:
+        started = time.time()
+        model = trainer.model
+        gen = torch.Generator().manual_seed(derive_seed(_GROWTH_STREAM, self.cfg.seed, self.event))
+        stats_batches, search_batch = self._draw_samples(trainer, gen)
+        sites = model.sites()
+        pending = self._pending_names()
+        grow_now = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" else pending
+        loss_sum = self._loss_fn("sum")
+        t0 = time.time()
+        stats = collect_statistics(model, [sites[n] for n in grow_now], stats_batches, loss_sum,
+                                   conv_fanout=self.g.conv_fanout)
+        stats_seconds = (time.time() - t0) / max(1, len(grow_now))
+        proposals, solve_seconds = {}, {}
+        for name in grow_now:
+            t0 = time.time()
+            proposals[name] = self._propose(model, sites[name], stats[name], gen)
+            solve_seconds[name] = time.time() - t0
+        if self.g.sites == "best_gain":
+            scores = {n: _score(p, sites[n]) for n, p in proposals.items()}
+            grow_now = policy.pick_sites("best_gain", pending, self.names, self.turn, scores)
+        rows = [self._grow_site(model, sites[n], proposals[n], stats_batches, search_batch, trainer)
+                for n in grow_now]
+        for row, name in zip(rows, grow_now):
+            row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name])
+        self.log.append(rows)
+        if self.g.sites == "round_robin" and grow_now:
+            self.turn = (self.names.index(grow_now[0]) + 1) % len(self.names)
+        self.event += 1
+        trainer.prepare_model()
+        added = ", ".join(f"{r['site']}+{r['added']}" for r in rows)
+        log.info("growth %d at step %d: %s (%.1fs)", self.event, trainer.step, added or "nothing", time.time() - started)
+        return time.time() - started
+
+    # --- one event -----------------------------------------------------------------------------
+    def _pending_names(self) -> list[str]:
+        return [n for n, s in self.model.sites().items() if s.width < self.targets[n]]
+
+    def _budget_left(self) -> bool:
+        return not self.g.param_budget or count_params(self.model) < self.g.param_budget
+
+    def _loss_fn(self, reduction: str):
+        smoothing = self.cfg.trainer.label_smoothing
+        return lambda logits, y: F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=smoothing)
+
+    def _draw_samples(self, trainer, gen: torch.Generator):
+        """Statistics batches and the held line-search batch: disjoint, seeded, not augmented."""
+        split, loader = trainer.data.train, trainer.train_loader
+        n = len(split)
+        n_stats = min(self.g.samples, n - 1)
+        n_search = min(self.g.line_search.batch_size, n - n_stats)
+        order = torch.randperm(n, generator=gen)[: n_stats + n_search].to(split.images.device)
+
+        def batch(idx):
+            x = loader.normalize(split.images.index_select(0, idx))
+            return x.contiguous(memory_format=trainer.memory_format), split.labels.index_select(0, idx)
+
+        bs = self.g.stats_batch_size
+        stats_batches = [batch(order[i:min(i + bs, n_stats)]) for i in range(0, n_stats, bs)]
+        return stats_batches, batch(order[n_stats:])
+
+    def _propose(self, model, site, stats, gen) -> Proposal:
+        g = self.g
+        params = count_params(model)
+        k = policy.neuron_count(g, site.width, self.start[site.name], self.targets[site.name], params,
+                                site.params_per_neuron())
+        if g.neurons == "adaptive" and k:
+            k = adaptive_count(stats, projection=g.method != "tiny_noproj", noise_sigmas=g.noise_sigmas,
+                               max_count=k, rel_eps=g.rel_eps)
+        return propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
+                       rel_eps=g.rel_eps, generator=gen)
+
+    def _grow_site(self, model, site, proposal: Proposal, stats_batches, search_batch, trainer) -> dict:
+        g, neurons = self.g, proposal.neurons
+        requested = proposal.count
+        t0 = time.time()
+        moments = None
+        if site.bn is not None and neurons.count:
+            moments = new_channel_moments(model, site, neurons, [x for x, _ in stats_batches])
+        update = self._update_fn(site, proposal) if g.apply_dw else None
+        slope = proposal.first_order - (proposal.d_w if g.apply_dw else 0.0)
+        loss_mean = self._loss_fn("mean")
+        if g.method in FUNCTION_PRESERVING:  # no line search: the function does not change
+            before = _measure(model, search_batch, loss_mean)
+            found = SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, 1)
+        else:
+            found = line_search(model, site, neurons, moments, slope, search_batch, loss_mean, g.line_search, update)
+        gamma = found.gamma
+        added = neurons.count if gamma > 0 else 0
+        if added:
+            mean, var = moments if moments is not None else (None, None)
+            insert_neurons(site, neurons.scaled(gamma), None if mean is None else gamma * mean,
+                           None if var is None else gamma * gamma * var, trainer.optimizer)
+            if g.apply_dw:
+                apply_weight_update(site, proposal.dw2, proposal.db2, gamma * gamma)
+        search_seconds = time.time() - t0
+        loss_after = _measure(model, search_batch, loss_mean)
+        return {
+            "event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,
+            "site": site.name, "method": g.method, "requested": requested, "added": added,
+            "width_after": site.width, "params_after": count_params(model), "psi": proposal.psi,
+            "d_w": proposal.d_w, "lambdas_top": ";".join(f"{v:.4g}" for v in proposal.lambdas[:5].tolist()),
+            "bottleneck_gain": proposal.bottleneck_gain, "first_order": slope, "gamma": gamma,
+            "predicted_gain": -found.predicted, "loss_before": found.loss_before,
+            "loss_candidate": found.loss_at_gamma, "loss_after": loss_after,
+            "measured_gain": found.loss_before - loss_after, "search_seconds": search_seconds,
+        }
+
+    @staticmethod
+    def _update_fn(site, proposal: Proposal):
+        w0 = site.l2.weight.detach().clone()
+        b0 = None if site.l2.bias is None else site.l2.bias.detach().clone()
+
+        @torch.no_grad()
+        def update(scale: float) -> None:
+            site.l2.weight.copy_(w0)
+            if b0 is not None:
+                site.l2.bias.copy_(b0)
+            if scale:
+                apply_weight_update(site, proposal.dw2, proposal.db2, scale)
+
+        return update
+
+
+def _score(proposal: Proposal, site) -> float:
+    """Expected first-order gain per added parameter (best_gain site choice)."""
+    gain = proposal.bottleneck_gain if proposal.bottleneck_gain > 0 else -proposal.first_order
+    return gain / max(1, proposal.count * site.params_per_neuron()) if proposal.count else -math.inf
+
+
+@torch.no_grad()
+def _measure(model, batch, loss_fn) -> float:
+    with frozen_bn_stats(model):
+        return float(loss_fn(model(batch[0]), batch[1]))

@@ -1,0 +1,70 @@
+"""The amplitude line search (tiny_math.md section 5).
+
+Neurons are added as (gamma alpha, gamma omega). To first order the mean loss changes by
+p * gamma^2 with p = s0 * sum_k alpha_k^T M1 omega_k (minus d_W when dW2* is applied too,
+scaled by gamma^2). The first-order model has no minimum, so its guess is where it predicts a
+decrease of half the current loss:
+
+    gamma_0 = min(max_gamma, sqrt(L(0) / (2 |p|)))
+
+From there gamma backtracks geometrically (gamma <- shrink * gamma) on the true training loss
+of a held batch, evaluated with the candidate neurons attached by hooks (no module rebuilt),
+until the loss has decreased and stops improving; the best gamma seen wins. When no tried
+gamma lowers the loss, gamma = 0: no growth at this site.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from growrun.growth.site import Neurons, Site, frozen_bn_stats
+from growrun.growth.surgery import candidate
+
+
+@dataclass
+class SearchResult:
+    gamma: float
+    loss_before: float  # L(0)
+    loss_at_gamma: float  # L(gamma) with the candidate (= L(0) when gamma = 0)
+    predicted: float  # first-order loss change at gamma: p * gamma^2 (<= 0)
+    evaluations: int
+
+
+@torch.no_grad()
+def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: float,
+                batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable, cfg,
+                update: Callable[[float], None] | None = None) -> SearchResult:
+    """Choose gamma for `neurons` at `site` (see module doc). slope = p (per gamma^2, < 0 for a
+    descent direction). `update(scale)` sets L2 to its original weights + scale * dW2* (so
+    update(0) restores them exactly) when the best update is applied with the neurons."""
+    x, y = batch
+    mean, var = moments if moments is not None else (None, None)
+    with frozen_bn_stats(model), candidate(site, neurons, mean, var) as cand:
+        def loss_at(gamma: float) -> float:
+            cand.gamma = gamma
+            if update is not None:
+                update(gamma * gamma)
+            try:
+                return float(loss_fn(model(x), y))
+            finally:
+                if update is not None:
+                    update(0.0)
+
+        base = loss_at(0.0)
+        if neurons.count == 0 or not slope < 0:
+            return SearchResult(0.0, base, base, 0.0, 1)
+        gamma = min(cfg.max_gamma, math.sqrt(base / (2 * -slope)))
+        best_gamma, best_loss, evaluations = 0.0, base, 1
+        for _ in range(cfg.max_iter):
+            loss = loss_at(gamma)
+            evaluations += 1
+            if loss < best_loss:
+                best_gamma, best_loss = gamma, loss
+            elif best_gamma > 0:
+                break  # passed the best amplitude along the backtracking sequence
+            gamma *= cfg.shrink
+    return SearchResult(best_gamma, base, best_loss, slope * best_gamma**2, evaluations)

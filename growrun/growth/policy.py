@@ -1,0 +1,75 @@
+"""Growth policy: when to grow, which sites, how many neurons, up to which widths.
+
+Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig) and integers:
+    growth_steps     the optimizer steps after which a growth event runs (dt may be fractional)
+    target_widths    the width each site grows to
+    pick_sites       all pending sites, the next one in turn, or the best gain per parameter
+    neuron_count     fixed, to_target (ceil of what is left over the remaining steps), or capped
+                     by the target and the parameter budget
+"""
+from __future__ import annotations
+
+import math
+
+from growrun.errors import GrowrunError
+
+
+def growth_steps(cfg, steps_per_epoch: int, epochs: int) -> list[int]:
+    """Global step counts at which growth is due: first_epoch, then every dt epochs, up to
+    last_epoch (default: the end of training, exclusive)."""
+    every = max(1, round(cfg.dt * steps_per_epoch))
+    first = max(1, round(cfg.first_epoch * steps_per_epoch))
+    end = epochs * steps_per_epoch
+    last = end - 1 if cfg.last_epoch is None else min(end - 1, round(cfg.last_epoch * steps_per_epoch))
+    return list(range(first, last + 1, every))
+
+
+def target_widths(cfg, names: list[str], full: list[int], current: list[int]) -> dict[str, int]:
+    """growth.target_widths (one per site) or ceil(target_fraction * full width); never below
+    the current width. Sites outside growth.only keep their width."""
+    if cfg.target_widths is not None:
+        if len(cfg.target_widths) != len(names):
+            raise GrowrunError(f"growth.target_widths={list(cfg.target_widths)}: needs {len(names)} widths, one per "
+                               f"site ({', '.join(names)})")
+        targets = [int(w) for w in cfg.target_widths]
+    else:
+        targets = [int(math.ceil(cfg.target_fraction * f - 1e-9)) for f in full]
+    only = set(names) if cfg.only is None else set(cfg.only)
+    unknown = only - set(names)
+    if unknown:
+        raise GrowrunError(f"growth.only={sorted(unknown)}: no such site; sites are {', '.join(names)}")
+    return {n: max(t, c) if n in only else c for n, t, c in zip(names, targets, current)}
+
+
+def pick_sites(mode: str, pending: list[str], order: list[str], turn: int,
+               scores: dict[str, float] | None = None) -> list[str]:
+    """The sites to grow at this event. round_robin: the first pending site at or after
+    position `turn` of `order`; best_gain: the pending site with the largest score."""
+    if not pending:
+        return []
+    if mode == "all":
+        return list(pending)
+    if mode == "round_robin":
+        n = len(order)
+        for i in range(n):
+            name = order[(turn + i) % n]
+            if name in pending:
+                return [name]
+    if mode == "best_gain":
+        assert scores is not None
+        return [max(pending, key=lambda n: (scores.get(n, 0.0), -order.index(n)))]
+    raise ValueError(f"growth.sites={mode}")
+
+
+def neuron_count(cfg, width: int, start: int, target: int, params: int, params_per_neuron: int) -> int:
+    """How many neurons to ask for at one site: fixed count, or the share of (target - start)
+    for one of `steps` steps; never past the target, nor past growth.param_budget."""
+    left = target - width
+    if cfg.neurons == "to_target":
+        k = math.ceil((target - start) / cfg.steps)
+    else:  # fixed, and the cap of adaptive
+        k = cfg.count
+    k = max(0, min(k, left))
+    if cfg.param_budget:
+        k = min(k, max(0, (cfg.param_budget - params) // max(1, params_per_neuron)))
+    return k

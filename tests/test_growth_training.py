@@ -1,0 +1,171 @@
+"""Growth inside training: policy arithmetic, the line search on real surgery, the growth log,
+and exact resume across growth events."""
+from __future__ import annotations
+
+import csv
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from torch import nn
+
+from growrun.config import store  # noqa: F401
+from growrun.growth import policy
+from growrun.growth.linesearch import line_search
+from growrun.growth.neurons import propose
+from growrun.growth.site import Site
+from growrun.growth.stats import collect_statistics
+from growrun.growth.surgery import candidate, insert_neurons
+from growrun.train import run as run_module
+from growrun.train.trainer import Trainer
+
+
+def gcfg(**kw):
+    base = dict(dt=1.0, first_epoch=1.0, last_epoch=None, target_widths=None, target_fraction=1.0, only=None,
+                neurons="to_target", count=4, steps=4, param_budget=0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_growth_steps_with_fractional_dt():
+    assert policy.growth_steps(gcfg(dt=0.25, first_epoch=1.0, last_epoch=2.0), 8, 5) == [8, 10, 12, 14, 16]
+    assert policy.growth_steps(gcfg(), 10, 3) == [10, 20]  # never after the last step
+    assert policy.growth_steps(gcfg(dt=0.5, first_epoch=0.5), 4, 2) == [2, 4, 6]
+
+
+def test_targets_counts_and_site_choice():
+    names = ["a", "b", "c"]
+    t = policy.target_widths(gcfg(target_fraction=0.25), names, [64, 128, 10], [1, 2, 5])
+    assert t == {"a": 16, "b": 32, "c": 5}
+    assert policy.target_widths(gcfg(only=["b"]), names, [64, 128, 10], [1, 2, 5]) == {"a": 1, "b": 128, "c": 5}
+    # to_target: `steps` events of ceil((target - start) / steps) reach the target exactly
+    width = 1
+    for _ in range(4):
+        width += policy.neuron_count(gcfg(), width, 1, 16, 0, 10)
+    assert width == 16
+    assert policy.neuron_count(gcfg(neurons="fixed", count=3), 15, 1, 16, 0, 10) == 1
+    assert policy.neuron_count(gcfg(neurons="fixed", count=3, param_budget=1025), 1, 1, 16, 1000, 10) == 2
+    assert policy.pick_sites("round_robin", ["a", "c"], names, 1) == ["c"]
+    assert policy.pick_sites("round_robin", ["a"], names, 1) == ["a"]
+    assert policy.pick_sites("best_gain", ["a", "b"], names, 0, {"a": 1.0, "b": 2.0}) == ["b"]
+    assert policy.pick_sites("all", ["a", "b"], names, 0) == ["a", "b"]
+
+
+class TwoLayer(nn.Module):
+    """x -> Linear -> identity -> Linear: an exactly linear site, so the first order is sharp."""
+
+    def __init__(self, d: int, hidden: int, m: int, activation: str):
+        super().__init__()
+        self.l1, self.l2, self.activation = nn.Linear(d, hidden), nn.Linear(hidden, m), activation
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(F.relu(h) if self.activation == "relu" else h)
+
+    def site(self) -> Site:
+        return Site("s", self.l1, self.l2, None, self.activation)
+
+
+@pytest.mark.parametrize("method", ["tiny", "tiny_noproj", "random"])
+def test_measured_loss_change_matches_first_order_prediction(method):
+    """Real statistics -> proposal -> candidate (the line search's mechanism): the measured mean
+    loss change at small gamma approaches gamma^2 * first_order, with error shrinking in gamma."""
+    torch.manual_seed(0)
+    model = TwoLayer(12, 3, 5, "identity").double()
+    x, y = torch.randn(256, 12, dtype=torch.float64), torch.randint(0, 5, (256,))
+    site = model.site()
+    stats = collect_statistics(model, [site], [(x[:128], y[:128]), (x[128:], y[128:])],
+                               lambda out, t: F.cross_entropy(out, t, reduction="sum"))["s"]
+    prop = propose(site, stats, method, 2, generator=torch.Generator().manual_seed(1))
+    assert prop.first_order < 0
+    errors = []
+    with torch.no_grad(), candidate(site, prop.neurons) as cand:
+        base = F.cross_entropy(model(x), y).item()
+        for gamma in (0.1, 0.03, 0.01):
+            cand.gamma = gamma
+            measured = F.cross_entropy(model(x), y).item() - base
+            predicted = prop.first_order * gamma**2
+            errors.append(abs(measured - predicted) / abs(predicted))
+    assert errors[-1] < 0.02 and errors[0] > errors[1] > errors[2]
+
+
+def test_line_search_finds_a_decrease_and_can_refuse():
+    torch.manual_seed(0)
+    model = TwoLayer(10, 2, 4, "relu")
+    x, y = torch.randn(200, 10), torch.randint(0, 4, (200,))
+    site = model.site()
+    stats = collect_statistics(model, [site], [(x, y)], lambda o, t: F.cross_entropy(o, t, reduction="sum"))["s"]
+    prop = propose(site, stats, "tiny", 3)
+    ls = SimpleNamespace(shrink=0.5, max_iter=12, max_gamma=10.0)
+    found = line_search(model, site, prop.neurons, None, prop.first_order, (x, y), F.cross_entropy, ls)
+    assert found.gamma > 0 and found.loss_at_gamma < found.loss_before
+    before = model(x)
+    insert_neurons(site, prop.neurons.scaled(found.gamma))
+    assert F.cross_entropy(model(x), y).item() == pytest.approx(found.loss_at_gamma, rel=1e-5)
+    assert not torch.equal(model(x), before)
+    # an ascent direction (positive slope) is refused: gamma = 0, nothing measured but L(0)
+    refused = line_search(model, site, prop.neurons, None, +1.0, (x, y), F.cross_entropy, ls)
+    assert refused.gamma == 0.0 and refused.evaluations == 1
+
+
+GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "model=resnet18",
+        "model.width=0.125", "model.start_fraction=0.015625", "growth=tiny", "growth.target_fraction=0.0625",
+        "growth.steps=2", "growth.dt=0.5", "growth.samples=128", "growth.stats_batch_size=64",
+        "growth.line_search.batch_size=64", "trainer.batch_size=64", "trainer.epochs=3", "trainer.threads=1",
+        "trainer.progress=off", "dataset.augment=true"]
+
+
+def compose_cfg(*overrides):
+    with initialize_config_module("growrun.configs", version_base="1.3"):
+        return compose("train", overrides=[*GROW, *overrides])
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in csv.DictReader(f)]
+
+
+def test_growth_log_and_widths(tmp_path):
+    cfg = compose_cfg()
+    summary = run_module.run(cfg, tmp_path)
+    rows = read(tmp_path / "growth.csv")
+    assert {r["site"] for r in rows} == {f"layer{s}.{b}" for s in range(1, 5) for b in range(2)}
+    events = sorted({(int(r["event"]), float(r["epoch"])) for r in rows})
+    # every dt = 0.5 epochs from epoch 1; sites that refused neurons (gamma = 0) keep growing later
+    assert events[:2] == [(1, 1.0), (2, 1.5)] and all(e in (2.0, 2.5) for _, e in events[2:])
+    for r in rows:
+        assert int(r["added"]) in (0, int(r["requested"]))
+        assert float(r["psi"]) >= 0 and float(r["d_w"]) >= 0
+        if int(r["added"]):
+            assert float(r["gamma"]) > 0 and float(r["loss_candidate"]) < float(r["loss_before"])
+            assert float(r["loss_after"]) == pytest.approx(float(r["loss_candidate"]), rel=1e-4)
+    targets = [math.ceil(w / 16) for w in (64, 64, 128, 128, 256, 256, 512, 512)]
+    widths = list(summary["widths"].values())
+    assert all(w <= t for w, t in zip(widths, targets)) and sum(widths) > sum([1, 1, 2, 2, 4, 4, 8, 8])
+    metrics = read(tmp_path / "metrics.csv")
+    assert [int(m["width:layer4.1"]) for m in metrics][-1] == summary["widths"]["layer4.1"]
+    assert int(metrics[-1]["params"]) == summary["params"]
+
+
+def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_module.run(compose_cfg(), full)
+    original = Trainer.train_epoch
+
+    def stop_in_epoch_3(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(compose_cfg(), cut)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert len(read(cut / "metrics.csv")) == 2
+    run_module.run(compose_cfg("resume=true"), cut)
+    assert read(cut / "metrics.csv") == read(full / "metrics.csv")
+    assert read(cut / "growth.csv") == read(full / "growth.csv")
+    ckpt = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["arch"] == torch.load(full / "checkpoints" / "last.pt", weights_only=False)["arch"]
