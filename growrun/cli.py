@@ -2,7 +2,7 @@
 
     growrun train [hydra flags] [overrides]    one run, or a sweep with -m
     growrun resume DIR [overrides]             continue a run (or every unfinished run of a sweep)
-    growrun report SWEEP_DIR                   comparison tables and plots
+    growrun report DIR [DIR ...] [--out OUT]   comparison table and plots
 
 User-facing failures print one line `growrun: error: ...` and exit with status 2.
 """
@@ -19,7 +19,7 @@ USAGE = """usage: growrun COMMAND [ARGS]
 commands:
   train [OVERRIDES]      train one run (or a sweep with -m); `growrun train --help` lists the config
   resume DIR [OVERRIDES] continue the run in DIR, or every unfinished run of the sweep in DIR
-  report SWEEP_DIR       write comparison tables and plots of a sweep (or of several run dirs)
+  report DIR [DIR ...]   comparison table and plots of a sweep (or of several runs or sweeps)
 """
 
 
