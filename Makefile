@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(GROWRUN_DATA),$(HOME)/.cache/growrun-data)
 ARGS   ?=
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench table1 figures clean
 
 install: $(STAMP)
 
@@ -31,6 +31,29 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_train.py --root $(DATA)
 	$(BIN)/python scripts/bench_data.py --root $(DATA)
 	$(BIN)/python scripts/bench_growth.py
+
+# The TINY paper's Table 1 protocol as a sweep (configs/experiment/table1_$(SCALE).yaml), then
+# its report (table, plots) in $(T1_DIR). SCALE=full: CIFAR-100, full ResNet18, 250 extra
+# epochs (a GPU machine or cluster: add ARGS='hydra/launcher=submitit_slurm'); SCALE=cpu: the
+# same protocol shrunk to CIFAR-10 at 1/4 width, ~50 min here. Re-running resumes unfinished
+# runs and skips finished ones; the report lists runs that failed, and make exits non-zero.
+SCALE  ?= full
+T1_DIR ?= outputs/table1_$(SCALE)
+T1_SWEEP_full := growth=tiny,gradmax model.start_fraction=0.015625,0.25 growth.dt=0.25,1 seed=0,1
+T1_SWEEP_cpu  := growth=tiny,gradmax model.start_fraction=0.00390625,0.0625 growth.dt=0.25,1 seed=0,1
+T1_TRAIN = GROWRUN_DATA=$(DATA) $(BIN)/growrun train -m resume=true trainer.progress=off
+
+table1: $(STAMP)
+	$(if $(T1_SWEEP_$(SCALE)),,$(error SCALE=$(SCALE): not a Table 1 scale; choose full or cpu))
+	status=0; \
+	$(T1_TRAIN) +experiment=table1_$(SCALE) $(T1_SWEEP_$(SCALE)) hydra.sweep.dir=$(T1_DIR)/grown $(ARGS) || status=1; \
+	$(T1_TRAIN) +experiment=table1_$(SCALE)_reference seed=0,1 hydra.sweep.dir=$(T1_DIR)/reference $(ARGS) || status=1; \
+	$(BIN)/growrun report $(T1_DIR)/grown $(T1_DIR)/reference --out $(T1_DIR) || status=1; \
+	exit $$status
+
+# Redraw Table 1's report (table and plots) from the runs that exist, without training.
+figures: $(STAMP)
+	$(BIN)/growrun report $(wildcard $(T1_DIR)/grown $(T1_DIR)/reference) --out $(T1_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -53,6 +53,34 @@ def test_targets_counts_and_site_choice():
     assert policy.pick_sites("all", ["a", "b"], names, 0) == ["a", "b"]
 
 
+@pytest.mark.parametrize("sites", ["all", "round_robin"])
+def test_planned_epochs_cover_the_simulated_growth(sites):
+    """growth.extra_epochs: simulate to_target growth event by event; the planned event count
+    is what the simulation needs and the last event falls in epoch planned - extra_epochs."""
+    start, targets = {"a": 1, "b": 2, "c": 5, "d": 3}, {"a": 16, "b": 32, "c": 5, "d": 6}
+    cfg = gcfg(sites=sites, steps=4, dt=0.25, first_epoch=1.0, extra_epochs=3)
+    width, events, turn = dict(start), 0, 0
+    names = list(start)
+    while pending := [n for n in names if width[n] < targets[n]]:
+        chosen = policy.pick_sites(sites, pending, names, turn)
+        for n in chosen:
+            width[n] += policy.neuron_count(cfg, width[n], start[n], targets[n], 0, 1)
+        turn = (names.index(chosen[0]) + 1) % len(names)
+        events += 1
+    assert policy.planned_events(cfg, start, targets) == events
+    epochs = policy.planned_epochs(cfg, events, 10)
+    due = policy.growth_steps(cfg, 10, epochs)
+    assert len(due) >= events and math.ceil(due[events - 1] / 10) == epochs - 3
+
+
+def test_extra_epochs_needs_to_target():
+    from growrun.config.validate import validate
+    from growrun.errors import GrowrunError
+
+    with pytest.raises(GrowrunError, match="growth.extra_epochs=2: needs .*neurons=to_target"):
+        validate(compose_cfg("growth.extra_epochs=2", "growth.neurons=fixed"))
+
+
 class TwoLayer(nn.Module):
     """x -> Linear -> identity -> Linear: an exactly linear site, so the first order is sharp."""
 
@@ -147,6 +175,13 @@ def test_growth_log_and_widths(tmp_path):
     metrics = read(tmp_path / "metrics.csv")
     assert [int(m["width:layer4.1"]) for m in metrics][-1] == summary["widths"]["layer4.1"]
     assert int(metrics[-1]["params"]) == summary["params"]
+
+
+def test_extra_epochs_sets_the_run_length(tmp_path):
+    """steps=2 to the targets, all sites at once, dt=0.5 from epoch 1: events at epochs 1 and
+    1.5 (in epoch 2), so the run ends after 2 + 1 extra = 3 epochs, whatever trainer.epochs says."""
+    summary = run_module.run(compose_cfg("growth.extra_epochs=1", "trainer.epochs=50"), tmp_path)
+    assert summary["epochs"] == 3 and len(read(tmp_path / "metrics.csv")) == 3
 
 
 def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):

@@ -89,6 +89,9 @@ class GrowthConfig:
     dt: float = bounded(1.0, 0.0, lo_open=True)
     first_epoch: float = bounded(1.0, 0.0)
     last_epoch: Optional[float] = bounded(None, 0.0)
+    # grow, then train this many more epochs: sets trainer.epochs from the planned growth
+    # schedule (neurons=to_target only; None: trainer.epochs as given)
+    extra_epochs: Optional[int] = bounded(None, 0)
     # where: every site at each step, one at a time in turn, or the one with the largest
     # expected gain per added parameter
     sites: str = choices("all", "all", "round_robin", "best_gain")

@@ -17,6 +17,10 @@ from growrun.errors import GrowrunError
 def validate(cfg: DictConfig) -> None:
     """Raise GrowrunError for the first value outside its declared choices or range."""
     _check(TrainConfig, cfg, "")
+    g = cfg.growth
+    if g.extra_epochs is not None and (g.method == "none" or g.neurons != "to_target"):
+        raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: needs a growth method with growth.neurons=to_target "
+                           f"(here method={g.method}, neurons={g.neurons}); otherwise set trainer.epochs")
 
 
 def _check(schema: type, node: Any, prefix: str) -> None:

@@ -6,6 +6,8 @@ Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig)
     pick_sites       all pending sites, the next one in turn, or the best gain per parameter
     neuron_count     fixed, to_target (ceil of what is left over the remaining steps), or capped
                      by the target and the parameter budget
+    planned_epochs   trainer.epochs for growth.extra_epochs: the epoch of the last planned
+                     to_target event, plus extra_epochs
 """
 from __future__ import annotations
 
@@ -73,3 +75,24 @@ def neuron_count(cfg, width: int, start: int, target: int, params: int, params_p
     if cfg.param_budget:
         k = min(k, max(0, (cfg.param_budget - params) // max(1, params_per_neuron)))
     return k
+
+
+def planned_events(cfg, start: dict[str, int], targets: dict[str, int]) -> int:
+    """Growth events until every site reaches its target with neurons=to_target: a site
+    needing d neurons gets ceil(d / steps) per visit, so ceil(d / ceil(d / steps)) visits;
+    sites=all visits every site at each event, round_robin / best_gain one site per event."""
+    visits = [math.ceil(d / math.ceil(d / cfg.steps)) for d in (targets[n] - start[n] for n in start) if d > 0]
+    if not visits:
+        return 0
+    return max(visits) if cfg.sites == "all" else sum(visits)
+
+
+def planned_epochs(cfg, events: int, steps_per_epoch: int) -> int:
+    """The epoch in which the last of `events` growth events falls (same step arithmetic as
+    growth_steps), plus growth.extra_epochs."""
+    if events == 0:
+        return cfg.extra_epochs
+    every = max(1, round(cfg.dt * steps_per_epoch))
+    first = max(1, round(cfg.first_epoch * steps_per_epoch))
+    last_step = first + (events - 1) * every
+    return math.ceil(last_step / steps_per_epoch) + cfg.extra_epochs

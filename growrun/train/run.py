@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from growrun.config.validate import validate
 from growrun.data import load_data
 from growrun.errors import GrowrunError
-from growrun.models import build_model, count_flops, count_params, initial_arch
+from growrun.models import build_model, count_flops, count_params, full_site_widths, initial_arch
 from growrun.train import runtime
 from growrun.train.optim import build_optimizer, build_scheduler
 from growrun.train.outputs import CsvLog, load_checkpoint, save_checkpoint, write_summary
@@ -73,6 +73,7 @@ class _Session:
             self.model.load_state_dict(ckpt["model"])
         optimizer = build_optimizer(self.model, cfg.optim)
         steps = _steps_per_epoch(len(self.data.train.labels), t.batch_size)
+        _plan_epochs(cfg, self.data, steps)
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs)
         growth = _make_growth(cfg, run_dir, self.model, steps)
         self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth)
@@ -166,6 +167,22 @@ def _steps_per_epoch(n_train: int, batch_size: int) -> int:
 def _eval_text(row: dict) -> str:
     parts = [f"{s} {row[s + '_loss']:.4f} / {100 * row[s + '_acc']:.2f}%" for s in ("val", "test") if s + "_acc" in row]
     return "  ".join(parts)
+
+
+def _plan_epochs(cfg: DictConfig, data, steps_per_epoch: int) -> None:
+    """growth.extra_epochs: set trainer.epochs to the epoch of the last planned growth event
+    (from the initial architecture, so a resumed run plans the same) plus extra_epochs."""
+    g = cfg.growth
+    if g.extra_epochs is None or g.method == "none":
+        return
+    from growrun.growth import policy
+
+    arch = initial_arch(cfg.model, data.num_classes, data.input_shape)
+    start = {n: s.width for n, s in build_model(arch).sites().items()}
+    full = full_site_widths(arch, cfg.model)
+    targets = policy.target_widths(g, list(start), full, list(start.values()))
+    cfg.trainer.epochs = policy.planned_epochs(g, policy.planned_events(g, start, targets), steps_per_epoch)
+    log.info("growth.extra_epochs=%d: training for %d epochs", g.extra_epochs, cfg.trainer.epochs)
 
 
 def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int):
