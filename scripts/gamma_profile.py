@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""How far the first-order prediction of a growth step holds: the loss along the amplitude gamma.
+
+From a run's checkpoint, draw statistics samples and a held batch as a growth event does,
+propose neurons of growth.method at every site (the run's to_target count, or --count), and
+measure the mean loss on the held batch with the candidate neurons attached at a range of
+gamma, against the prediction of tiny_math.md section 5:  L(gamma) - L(0) = p gamma^2,
+p = s0 sum_k alpha_k^T M1 omega_k. The ratio measured / predicted is ~1 where the
+linearisation holds and falls below 1 beyond it.
+
+    python scripts/gamma_profile.py outputs/runs/<run> [--samples 1024] [--out bench/gamma_profile.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from growrun.data import load_data
+from growrun.data.loader import BatchLoader
+from growrun.growth import policy
+from growrun.growth.neurons import propose
+from growrun.growth.site import frozen_bn_stats
+from growrun.growth.stats import collect_statistics
+from growrun.growth.surgery import candidate, new_channel_moments
+from growrun.models import build_model, count_params, full_site_widths
+from growrun.train.outputs import load_checkpoint
+
+GAMMAS = [2.0 ** e for e in range(-4, 5)]  # x the gamma whose predicted gain is 1% of L(0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--samples", type=int, default=1024, help="statistics samples")
+    p.add_argument("--held", type=int, default=512, help="held batch the loss is measured on")
+    p.add_argument("--count", type=int, default=0, help="neurons per site (0: the run's to_target count)")
+    p.add_argument("--method", default=None, help="growth method (default: the run's)")
+    p.add_argument("--out", type=Path, default=Path("bench/gamma_profile.json"))
+    args = p.parse_args()
+    ckpt = load_checkpoint(args.run_dir / "checkpoints" / "last.pt", torch.device("cpu"))
+    cfg = OmegaConf.create(ckpt["config"])
+    g, method = cfg.growth, args.method or cfg.growth.method
+    data = load_data(cfg.dataset, torch.device("cpu"), cfg.seed)
+    model = build_model(ckpt["arch"]).to(memory_format=torch.channels_last)
+    model.load_state_dict(ckpt["model"])
+    model.train()
+    norm = BatchLoader(data.train, 1, mean=data.mean, std=data.std, shuffle=False, augment=False,
+                       drop_last=False, seed=0)
+    gen = torch.Generator().manual_seed(12345)
+    order = torch.randperm(len(data.train), generator=gen)[: args.samples + args.held]
+
+    def batch(idx):
+        x = norm.normalize(data.train.images[idx]).contiguous(memory_format=torch.channels_last)
+        return x, data.train.labels[idx]
+
+    stats_batches = [batch(order[i:min(i + 256, args.samples)]) for i in range(0, args.samples, 256)]
+    held_x, held_y = batch(order[args.samples:])
+    sites = model.sites()
+    start = (ckpt["trainer"].get("growth") or {}).get("start", {})
+    targets = policy.target_widths(g, list(sites), full_site_widths(ckpt["arch"], cfg.model),
+                                   [s.width for s in sites.values()])
+    stats = collect_statistics(model, list(sites.values()), stats_batches,
+                               lambda o, y: F.cross_entropy(o, y, reduction="sum"), conv_fanout=g.conv_fanout)
+    rows = []
+    with torch.no_grad(), frozen_bn_stats(model):
+        base = float(F.cross_entropy(model(held_x), held_y))
+        for name, site in sites.items():
+            k = args.count or max(1, policy.neuron_count(g, site.width, start.get(name, site.width), targets[name],
+                                                         count_params(model), site.params_per_neuron()))
+            prop = propose(site, stats[name], method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
+                           rel_eps=g.rel_eps, generator=gen)
+            if prop.neurons.count == 0 or not prop.first_order < 0:
+                continue
+            mean, var = new_channel_moments(model, site, prop.neurons, [x for x, _ in stats_batches]) \
+                if site.bn is not None else (None, None)
+            g_lin = (0.01 * base / -prop.first_order) ** 0.5
+            with candidate(site, prop.neurons, mean, var) as cand:
+                for mult in GAMMAS:
+                    cand.gamma = gamma = mult * g_lin
+                    measured = base - float(F.cross_entropy(model(held_x), held_y))
+                    predicted = -prop.first_order * gamma ** 2
+                    rows.append({"site": name, "neurons": prop.neurons.count, "gamma": gamma, "gamma_over_lin": mult,
+                                 "predicted_gain": predicted, "measured_gain": measured,
+                                 "ratio": measured / predicted})
+    for r in rows:
+        print(f"{r['site']:9} K={r['neurons']:3d}  gamma {r['gamma']:8.3f} (x{r['gamma_over_lin']:6.3f})  "
+              f"predicted {r['predicted_gain']:.2e}  measured {r['measured_gain']:+.2e}  ratio {r['ratio']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"run_dir": str(args.run_dir), "epoch": ckpt["trainer"].get("epoch"),
+                                    "method": method, "loss_before": base, "rows": rows}, indent=1) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
