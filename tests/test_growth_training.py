@@ -73,12 +73,14 @@ def test_planned_epochs_cover_the_simulated_growth(sites):
     assert len(due) >= events and math.ceil(due[events - 1] / 10) == epochs - 3
 
 
-def test_extra_epochs_needs_to_target():
+def test_growth_config_combinations_are_checked():
     from growrun.config.validate import validate
     from growrun.errors import GrowrunError
 
     with pytest.raises(GrowrunError, match="growth.extra_epochs=2: needs .*neurons=to_target"):
         validate(compose_cfg("growth.extra_epochs=2", "growth.neurons=fixed"))
+    with pytest.raises(GrowrunError, match="growth.conv_fanout=full: not implemented .* model=resnet18; use center"):
+        validate(compose_cfg("growth.conv_fanout=full"))
 
 
 class TwoLayer(nn.Module):

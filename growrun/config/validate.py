@@ -21,6 +21,9 @@ def validate(cfg: DictConfig) -> None:
     if g.extra_epochs is not None and (g.method == "none" or g.neurons != "to_target"):
         raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: needs a growth method with growth.neurons=to_target "
                            f"(here method={g.method}, neurons={g.neurons}); otherwise set trainer.epochs")
+    if g.conv_fanout == "full" and g.method != "none" and cfg.model.name != "mlp":
+        raise GrowrunError(f"growth.conv_fanout=full: not implemented for the convolutional sites of "
+                           f"model={cfg.model.name}; use center (exact, the default)")
 
 
 def _check(schema: type, node: Any, prefix: str) -> None:
