@@ -122,6 +122,32 @@ def test_new_bn_channels_are_the_identity_in_eval_mode():
     torch.testing.assert_close(post[0][:, -3:], pre[0][:, -3:], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_zero_fan_in_channels_get_bn_weight_one_and_change_nothing(mode):
+    """GradMax-style neurons (zero fan-in): the constant new channels get BN weight 1, not
+    sqrt(eps) (which would leave them ~300x down-scaled once they learn); the function is
+    unchanged, and the candidate computes the same as the real insertion."""
+    arch, name = CASES[0]
+    model, x = make(arch)
+    site = model.sites()[name]
+    neurons = random_neurons(site, 3, torch.Generator().manual_seed(5))
+    neurons = Neurons(torch.zeros_like(neurons.w1), None if neurons.b1 is None else torch.zeros_like(neurons.b1),
+                      neurons.w2)
+    mean, var = new_channel_moments(model, site, neurons, [x])
+    assert torch.equal(var, torch.zeros_like(var))
+    getattr(model, mode)()
+    with frozen_bn_stats(model), torch.no_grad():
+        before = model(x)
+        with candidate(site, neurons, mean, var) as cand:
+            cand.gamma = 1.0
+            tried = model(x)
+    insert_neurons(site, neurons, mean, var)
+    assert torch.equal(site.bn.weight[-3:].detach(), torch.ones(3, dtype=site.bn.weight.dtype))
+    with frozen_bn_stats(model), torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+    torch.testing.assert_close(tried, before, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_optimizer_state_survives_growth(opt_name):
     from types import SimpleNamespace

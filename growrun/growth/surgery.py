@@ -2,7 +2,8 @@
 
 insert_neurons  appends K neurons: rows of W1 (+ bias), BatchNorm channels initialised to be the
                 identity on the new channels' measured distribution (tiny_math.md section 5:
-                running mean/var = measured mean/var, weight = sqrt(var + eps), bias = mean), and
+                running mean/var = measured mean/var, weight = sqrt(var + eps) (1 for a constant
+                channel), bias = mean), and
                 columns of W2. The optimizer keeps the state of existing entries; new entries
                 start at zero.
 candidate       makes the model compute what it would compute after insert_neurons at amplitude
@@ -40,8 +41,11 @@ def _activation(site: Site, z: torch.Tensor) -> torch.Tensor:
 
 
 def _bn_identity_params(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor):
-    """(weight, bias) that make BN the identity for a channel of this mean and variance."""
-    return (var + bn.eps).sqrt(), mean
+    """(weight, bias) that make BN the identity for a channel of this mean and variance.
+    A constant channel (var = 0: GradMax's zero fan-in) outputs `bias` whatever the weight, so
+    it gets BN's own initial weight 1: with sqrt(eps) it would stay ~300x down-scaled once its
+    fan-in starts learning (GradMax's new channels ended training at weight 0.003, unused)."""
+    return torch.where(var > 0, (var + bn.eps).sqrt(), torch.ones_like(var)), mean
 
 
 @torch.no_grad()
