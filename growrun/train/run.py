@@ -171,9 +171,10 @@ def _eval_text(row: dict) -> str:
 
 def _plan_epochs(cfg: DictConfig, data, steps_per_epoch: int) -> None:
     """growth.extra_epochs: set trainer.epochs to the epoch of the last planned growth event
-    (from the initial architecture, so a resumed run plans the same) plus extra_epochs."""
+    (from the initial architecture, so a resumed run plans the same) plus extra_epochs.
+    validate() has already refused extra_epochs without a to_target growth method."""
     g = cfg.growth
-    if g.extra_epochs is None or g.method == "none":
+    if g.extra_epochs is None:
         return
     from growrun.growth import policy
 
