@@ -62,7 +62,8 @@ def test_insertion_at_gamma_zero_preserves_the_function(arch, name, mode):
 
 @pytest.mark.parametrize("arch, name", CASES, ids=IDS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_candidate_equals_real_insertion(arch, name, mode):
+@pytest.mark.parametrize("bn_init", ["unit", "identity"])
+def test_candidate_equals_real_insertion(arch, name, mode, bn_init):
     model, x = make(arch)
     model.train(mode == "train")
     site = model.sites()[name]
@@ -71,7 +72,7 @@ def test_candidate_equals_real_insertion(arch, name, mode):
     gamma = 0.7
     with frozen_bn_stats(model):
         plain = model(x)
-        with candidate(site, neurons, mean, var) as cand:
+        with candidate(site, neurons, mean, var, bn_init) as cand:
             cand.gamma = 0.0
             at_zero = model(x)
             cand.gamma = gamma
@@ -81,7 +82,7 @@ def test_candidate_equals_real_insertion(arch, name, mode):
     assert (tried - plain).abs().max() > 1e-3  # the neurons do change the function
     grown = copy.deepcopy(model)
     grown_site = grown.sites()[name]
-    insert_neurons(grown_site, neurons.scaled(gamma), gamma * mean, gamma**2 * var)
+    insert_neurons(grown_site, neurons.scaled(gamma), gamma * mean, gamma**2 * var, bn_init=bn_init)
     with frozen_bn_stats(grown):
         torch.testing.assert_close(grown(x), tried, rtol=1e-10, atol=1e-10)
     assert grown.sites()[name].width == site.width + 3
@@ -112,7 +113,7 @@ def test_new_bn_channels_are_the_identity_in_eval_mode():
     site = model.sites()[name]
     neurons = random_neurons(site, 3, torch.Generator().manual_seed(4))
     mean, var = new_channel_moments(model, site, neurons, [x])
-    insert_neurons(site, neurons, mean, var)
+    insert_neurons(site, neurons, mean, var, bn_init="identity")
     model.eval()
     pre, post = [], []
     h1 = site.l1.register_forward_hook(lambda m, i, o: pre.append(o))
@@ -120,6 +121,36 @@ def test_new_bn_channels_are_the_identity_in_eval_mode():
     model(x)
     h1.remove(), h2.remove()
     torch.testing.assert_close(post[0][:, -3:], pre[0][:, -3:], rtol=1e-12, atol=1e-12)
+
+
+BN_CASES = [(a, s) for a, s in CASES if a.get("batchnorm", True)]
+
+
+@pytest.mark.parametrize("arch, name", BN_CASES, ids=[f"{a['name']}-{s}" for a, s in BN_CASES])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_unit_bn_init_is_the_identity_init_rescaled(arch, name, mode):
+    """bn_init=unit computes exactly what bn_init=identity computes (relu is positively
+    homogeneous), with new BN weights 1, biases m / sqrt(v + eps) and fan-out times sqrt(v + eps)."""
+    model, x = make(arch)
+    getattr(model, mode)()
+    site = model.sites()[name]
+    neurons = random_neurons(site, 3, torch.Generator().manual_seed(7)).scaled(0.4)
+    mean, var = new_channel_moments(model, site, neurons, [x])
+    grown = {}
+    for bn_init in ("identity", "unit"):
+        grown[bn_init] = copy.deepcopy(model)
+        insert_neurons(grown[bn_init].sites()[name], neurons, mean, var, bn_init=bn_init)
+    with frozen_bn_stats(model), torch.no_grad():
+        out = {k: m(x) for k, m in grown.items()}
+        assert (out["unit"] - model(x)).abs().max() > 1e-3
+    torch.testing.assert_close(out["unit"], out["identity"], rtol=1e-10, atol=1e-10)
+    ident, unit = grown["identity"].sites()[name], grown["unit"].sites()[name]
+    scale = (var + site.bn.eps).sqrt()
+    torch.testing.assert_close(unit.bn.weight[-3:].detach(), torch.ones_like(var), rtol=0, atol=0)
+    torch.testing.assert_close(ident.bn.weight[-3:].detach(), scale)
+    torch.testing.assert_close(unit.bn.bias[-3:].detach(), mean / scale)
+    w2_shape = (1, 3) + (1,) * (unit.l2.weight.dim() - 2)
+    torch.testing.assert_close(unit.l2.weight[:, -3:].detach(), ident.l2.weight[:, -3:].detach() * scale.view(w2_shape))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

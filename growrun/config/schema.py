@@ -110,6 +110,7 @@ class GrowthConfig:
     line_search: LineSearchConfig = field(default_factory=LineSearchConfig)
     apply_dw: bool = False  # also apply the best update dW2* of the existing L2 weights
     conv_fanout: str = choices("center", "center", "full")
+    bn_init: str = choices("unit", "unit", "identity")  # new BN channels: weight 1 (fan-out rescaled) | identity
     gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm
     noise_sigmas: float = bounded(2.0, 0.0)  # adaptive: keep lambda_k^2 above this many noise SDs
     rel_eps: float = bounded(1e-7, 0.0, 1.0, lo_open=True)  # relative eigenvalue threshold

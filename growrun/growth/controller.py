@@ -155,13 +155,14 @@ class GrowthController:
             before = _measure(model, search_batch, loss_mean)
             found = SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, 1)
         else:
-            found = line_search(model, site, neurons, moments, slope, search_batch, loss_mean, g.line_search, update)
+            found = line_search(model, site, neurons, moments, slope, search_batch, loss_mean, g.line_search, update,
+                                g.bn_init)
         gamma = found.gamma
         added = neurons.count if gamma > 0 else 0
         if added:
             mean, var = moments if moments is not None else (None, None)
             insert_neurons(site, neurons.scaled(gamma), None if mean is None else gamma * mean,
-                           None if var is None else gamma * gamma * var, trainer.optimizer)
+                           None if var is None else gamma * gamma * var, trainer.optimizer, g.bn_init)
             if g.apply_dw:
                 apply_weight_update(site, proposal.dw2, proposal.db2, gamma * gamma)
         search_seconds = time.time() - t0

@@ -37,13 +37,13 @@ class SearchResult:
 @torch.no_grad()
 def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: float,
                 batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable, cfg,
-                update: Callable[[float], None] | None = None) -> SearchResult:
+                update: Callable[[float], None] | None = None, bn_init: str = "unit") -> SearchResult:
     """Choose gamma for `neurons` at `site` (see module doc). slope = p (per gamma^2, < 0 for a
     descent direction). `update(scale)` sets L2 to its original weights + scale * dW2* (so
     update(0) restores them exactly) when the best update is applied with the neurons."""
     x, y = batch
     mean, var = moments if moments is not None else (None, None)
-    with frozen_bn_stats(model), candidate(site, neurons, mean, var) as cand:
+    with frozen_bn_stats(model), candidate(site, neurons, mean, var, bn_init) as cand:
         def loss_at(gamma: float) -> float:
             cand.gamma = gamma
             if update is not None:

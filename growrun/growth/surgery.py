@@ -1,11 +1,16 @@
 """Network surgery: insert neurons into a site in place, and try them out before inserting.
 
-insert_neurons  appends K neurons: rows of W1 (+ bias), BatchNorm channels initialised to be the
-                identity on the new channels' measured distribution (tiny_math.md section 5:
-                running mean/var = measured mean/var, weight = sqrt(var + eps) (1 for a constant
-                channel), bias = mean), and
-                columns of W2. The optimizer keeps the state of existing entries; new entries
-                start at zero.
+insert_neurons  appends K neurons: rows of W1 (+ bias), BatchNorm channels, and columns of W2.
+                The optimizer keeps the state of existing entries; new entries start at zero.
+                BN channels (running mean/var = the new channels' measured mean m / variance v):
+                  bn_init="identity" (tiny_math.md section 5): BN is the identity on the new
+                    channels, weight = sqrt(v + eps), bias = m;
+                  bn_init="unit": the same function rescaled to BN weight 1: weight = 1,
+                    bias = m / sqrt(v + eps), and the new W2 columns multiplied by sqrt(v + eps).
+                    Exact because sigma(s u) = s sigma(u) for s > 0 (relu, identity). The new
+                    channels then start at the scale of a freshly initialised BN channel instead
+                    of gamma * sqrt(v), often 10x below the existing channels.
+                A constant channel (v = 0: GradMax's zero fan-in) gets weight 1, bias m either way.
 candidate       makes the model compute what it would compute after insert_neurons at amplitude
                 gamma, with forward hooks only (no module is rebuilt), for the line search.
 new_channel_moments  the mean and variance of the new pre-activations z = L1op(x; w1, b1).
@@ -40,22 +45,40 @@ def _activation(site: Site, z: torch.Tensor) -> torch.Tensor:
     return F.relu(z) if site.activation == "relu" else z
 
 
-def _bn_identity_params(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor):
-    """(weight, bias) that make BN the identity for a channel of this mean and variance.
-    A constant channel (var = 0: GradMax's zero fan-in) outputs `bias` whatever the weight, so
-    it gets BN's own initial weight 1: with sqrt(eps) it would stay ~300x down-scaled once its
-    fan-in starts learning (GradMax's new channels ended training at weight 0.003, unused)."""
-    return torch.where(var > 0, (var + bn.eps).sqrt(), torch.ones_like(var)), mean
+BN_INITS = ("unit", "identity")
+HOMOGENEOUS = ("relu", "identity")  # sigma(s u) = s sigma(u) for s > 0
+
+
+def _new_bn_params(site: Site, mean: torch.Tensor, var: torch.Tensor, bn_init: str):
+    """(weight, bias, fan-out scale per new channel) for new BN channels of this mean/variance
+    (module doc). A constant channel (var = 0) outputs `bias` whatever the weight, so it gets
+    BN's own initial weight 1: with sqrt(eps) it would stay ~300x down-scaled once its fan-in
+    starts learning (GradMax's new channels ended training at weight 0.003, unused)."""
+    if bn_init not in BN_INITS:
+        raise ValueError(f"bn_init={bn_init!r}; allowed: {', '.join(BN_INITS)}")
+    scale = torch.where(var > 0, (var + site.bn.eps).sqrt(), torch.ones_like(var))
+    if bn_init == "unit" and site.bn.affine and site.activation in HOMOGENEOUS:
+        return torch.ones_like(var), mean / scale, scale
+    return scale, mean, torch.ones_like(var)
+
+
+def _scale_fanout(site: Site, w2: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """W2 columns (dim 1) of the new channels times their per-channel scale."""
+    if scale is None:
+        return w2
+    return w2 * scale.to(w2).view(1, -1, *([1] * (w2.dim() - 2)))
 
 
 @torch.no_grad()
 def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = None,
-                   bn_var: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+                   bn_var: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
+                   bn_init: str = "unit") -> None:
     """Append `neurons` (already scaled by gamma; moments by gamma and gamma^2) to the site."""
     k = neurons.count
     l1, l2, bn = site.l1, site.l2, site.bn
     ref = l1.weight
     w1 = neurons.w1.to(ref)
+    fanout_scale = None
     _grow(l1, "weight", w1, 0, optimizer)
     if l1.bias is not None:
         b1 = neurons.b1 if neurons.b1 is not None else torch.zeros(k)
@@ -64,14 +87,14 @@ def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = 
         _require_moments(site, bn_mean, bn_var)
         mean, var = bn_mean.to(ref), bn_var.to(ref)
         if bn.affine:
-            weight, bias = _bn_identity_params(bn, mean, var)
+            weight, bias, fanout_scale = _new_bn_params(site, mean, var, bn_init)
             _grow(bn, "weight", weight, 0, optimizer)
             _grow(bn, "bias", bias, 0, optimizer)
         if bn.track_running_stats:
             bn.running_mean = torch.cat([bn.running_mean, mean])
             bn.running_var = torch.cat([bn.running_var, var])
         bn.num_features += k
-    _grow(l2, "weight", neurons.w2.to(ref), 1, optimizer)
+    _grow(l2, "weight", _scale_fanout(site, neurons.w2.to(ref), fanout_scale), 1, optimizer)
     if site.is_conv:
         l1.out_channels += k
         l2.in_channels += k
@@ -163,8 +186,9 @@ def new_channel_moments(model: nn.Module, site: Site, neurons: Neurons,
 class CandidateHandle:
     """The neurons attached to the site by `candidate`; set .gamma between forward passes."""
 
-    def __init__(self, site: Site, neurons: Neurons, bn_mean, bn_var):
+    def __init__(self, site: Site, neurons: Neurons, bn_mean, bn_var, bn_init: str):
         self.site, self.neurons, self.bn_mean, self.bn_var = site, neurons, bn_mean, bn_var
+        self.bn_init = bn_init
         self.gamma = 0.0
         self._x: torch.Tensor | None = None
 
@@ -177,25 +201,26 @@ class CandidateHandle:
             return None
         g, site, nr = self.gamma, self.site, self.neurons
         z = l1_op(site, x, g * nr.w1.to(x), None if nr.b1 is None else g * nr.b1.to(x))
-        bn = site.bn
+        bn, w2 = site.bn, g * nr.w2.to(z)
         if bn is not None:
             mean, var = g * self.bn_mean.to(z), g * g * self.bn_var.to(z)
-            weight, bias = _bn_identity_params(bn, mean, var)
-            if not bn.affine:
-                weight = bias = None
+            weight = bias = None
+            if bn.affine:
+                weight, bias, fanout_scale = _new_bn_params(site, mean, var, self.bn_init)
+                w2 = _scale_fanout(site, w2, fanout_scale)
             z = F.batch_norm(z, mean.clone(), var.clone(), weight, bias, bn.training or not bn.track_running_stats,
                              0.0, bn.eps)
-        return output + l2_op(site, _activation(site, z), g * nr.w2.to(z))
+        return output + l2_op(site, _activation(site, z), w2)
 
 
 @contextmanager
 def candidate(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = None,
-              bn_var: torch.Tensor | None = None) -> Iterator[CandidateHandle]:
+              bn_var: torch.Tensor | None = None, bn_init: str = "unit") -> Iterator[CandidateHandle]:
     """While active, forward passes compute what the model computes after
-    insert_neurons(site, neurons.scaled(g), g * bn_mean, g^2 * bn_var), g = handle.gamma."""
+    insert_neurons(site, neurons.scaled(g), g * bn_mean, g^2 * bn_var, bn_init=bn_init), g = handle.gamma."""
     if site.bn is not None:
         _require_moments(site, bn_mean, bn_var)
-    handle = CandidateHandle(site, neurons, bn_mean, bn_var)
+    handle = CandidateHandle(site, neurons, bn_mean, bn_var, bn_init)
     hooks = [site.l1.register_forward_hook(handle._capture), site.l2.register_forward_hook(handle._add)]
     try:
         yield handle
