@@ -62,7 +62,7 @@ def _new_bn_params(site: Site, mean: torch.Tensor, var: torch.Tensor, bn_init: s
     return scale, mean, torch.ones_like(var)
 
 
-def _scale_fanout(site: Site, w2: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def _scale_fanout(w2: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """W2 columns (dim 1) of the new channels times their per-channel scale."""
     if scale is None:
         return w2
@@ -94,7 +94,7 @@ def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = 
             bn.running_mean = torch.cat([bn.running_mean, mean])
             bn.running_var = torch.cat([bn.running_var, var])
         bn.num_features += k
-    _grow(l2, "weight", _scale_fanout(site, neurons.w2.to(ref), fanout_scale), 1, optimizer)
+    _grow(l2, "weight", _scale_fanout(neurons.w2.to(ref), fanout_scale), 1, optimizer)
     if site.is_conv:
         l1.out_channels += k
         l2.in_channels += k
@@ -207,7 +207,7 @@ class CandidateHandle:
             weight = bias = None
             if bn.affine:
                 weight, bias, fanout_scale = _new_bn_params(site, mean, var, self.bn_init)
-                w2 = _scale_fanout(site, w2, fanout_scale)
+                w2 = _scale_fanout(w2, fanout_scale)
             z = F.batch_norm(z, mean.clone(), var.clone(), weight, bias, bn.training or not bn.track_running_stats,
                              0.0, bn.eps)
         return output + l2_op(site, _activation(site, z), w2)
