@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from growrun.data import load_data
 from growrun.data.loader import BatchLoader
 from growrun.growth import policy
+from growrun.growth.controller import draw_samples
 from growrun.growth.neurons import propose
 from growrun.growth.site import Neurons, frozen_bn_stats
 from growrun.growth.stats import collect_statistics
@@ -93,14 +94,8 @@ def main() -> None:
     norm = BatchLoader(data.train, 1, mean=data.mean, std=data.std, shuffle=False, augment=False,
                        drop_last=False, seed=0)
     gen = torch.Generator().manual_seed(12345)
-    order = torch.randperm(len(data.train), generator=gen)[: args.samples + args.held]
-
-    def batch(idx):
-        x = norm.normalize(data.train.images[idx]).contiguous(memory_format=torch.channels_last)
-        return x, data.train.labels[idx]
-
-    stats_batches = [batch(order[i:min(i + 256, args.samples)]) for i in range(0, args.samples, 256)]
-    held_x, held_y = batch(order[args.samples:])
+    stats_batches, (held_x, held_y) = draw_samples(data.train, norm.normalize, args.samples, args.held, 256, gen,
+                                                   torch.channels_last)
     sites = model.sites()
     start = (ckpt["trainer"].get("growth") or {}).get("start", {})
     targets = policy.target_widths(g, list(sites), full_site_widths(ckpt["arch"], cfg.model),

@@ -43,6 +43,23 @@ COLUMNS = ["event", "epoch", "step", "site", "method", "requested", "added", "wi
            "search_seconds"]
 
 
+def draw_samples(split, normalize, n_stats: int, n_search: int, batch_size: int, gen: torch.Generator,
+                 memory_format=torch.contiguous_format):
+    """Statistics batches (of batch_size) and the held line-search batch: disjoint, drawn by
+    gen from the split, normalised, not augmented; at least one image is left for the search."""
+    n = len(split)
+    n_stats = min(n_stats, n - 1)
+    n_search = min(n_search, n - n_stats)
+    order = torch.randperm(n, generator=gen)[: n_stats + n_search].to(split.images.device)
+
+    def batch(idx):
+        x = normalize(split.images.index_select(0, idx))
+        return x.contiguous(memory_format=memory_format), split.labels.index_select(0, idx)
+
+    stats_batches = [batch(order[i:min(i + batch_size, n_stats)]) for i in range(0, n_stats, batch_size)]
+    return stats_batches, batch(order[n_stats:])
+
+
 class GrowthController:
     def __init__(self, cfg, run_dir: Path, model, steps_per_epoch: int):
         self.cfg, self.g, self.steps_per_epoch = cfg, cfg.growth, steps_per_epoch
@@ -73,7 +90,9 @@ class GrowthController:
         started = time.time()
         model = trainer.model
         gen = torch.Generator().manual_seed(derive_seed(_GROWTH_STREAM, self.cfg.seed, self.event))
-        stats_batches, search_batch = self._draw_samples(trainer, gen)
+        stats_batches, search_batch = draw_samples(trainer.data.train, trainer.train_loader.normalize, self.g.samples,
+                                                   self.g.line_search.batch_size, self.g.stats_batch_size, gen,
+                                                   trainer.memory_format)
         sites = model.sites()
         pending = self._pending_names()
         grow_now = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" else pending
@@ -113,22 +132,6 @@ class GrowthController:
     def _loss_fn(self, reduction: str):
         smoothing = self.cfg.trainer.label_smoothing
         return lambda logits, y: F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=smoothing)
-
-    def _draw_samples(self, trainer, gen: torch.Generator):
-        """Statistics batches and the held line-search batch: disjoint, seeded, not augmented."""
-        split, loader = trainer.data.train, trainer.train_loader
-        n = len(split)
-        n_stats = min(self.g.samples, n - 1)
-        n_search = min(self.g.line_search.batch_size, n - n_stats)
-        order = torch.randperm(n, generator=gen)[: n_stats + n_search].to(split.images.device)
-
-        def batch(idx):
-            x = loader.normalize(split.images.index_select(0, idx))
-            return x.contiguous(memory_format=trainer.memory_format), split.labels.index_select(0, idx)
-
-        bs = self.g.stats_batch_size
-        stats_batches = [batch(order[i:min(i + bs, n_stats)]) for i in range(0, n_stats, bs)]
-        return stats_batches, batch(order[n_stats:])
 
     def _propose(self, model, site, stats, gen) -> Proposal:
         g = self.g
