@@ -203,6 +203,25 @@ def test_several_swept_keys_and_single_seed_groups(tmp_path, capsys):
     assert "`growth`, `optim.lr`" in md
 
 
+def test_growth_keys_of_a_fixed_network_are_not_applicable(tmp_path, capsys):
+    """A growth=none run's growth.* values do nothing: the table says n/a, not a default dt; the
+    plots' labels use the last key component and 4 significant digits."""
+    root = tmp_path / "sweep"
+    make_run(root / "0", 0, ["growth=tiny", "growth.dt=0.25", "model.start_fraction=0.00390625"],
+             config={"growth.dt": 0.25, "model.start_fraction": 0.00390625})
+    make_run(root / "1", 0, ["growth=none", "model.start_fraction=1.0"], config={"model.start_fraction": 1.0},
+             growth=False)
+    assert report_main([str(root)]) == 0
+    rows = read_csv(root / "report.csv")
+    assert [(r["growth"], r["growth.dt"]) for r in rows] == [("tiny", "0.25"), ("none", "n/a")]
+    from growrun.report.table import Group, key_value, swept_keys
+    from growrun.report.runs import read_run
+
+    run = read_run(root / "0")
+    group = Group({k: key_value(run, k) for k in swept_keys([run, read_run(root / "1")])}, [run])
+    assert group.short_label == "growth=tiny, dt=0.25, start_fraction=0.003906"
+
+
 def test_override_value_equals_config_default(tmp_path, capsys):
     """A run that sets optim.lr to its default value groups with runs that don't set it."""
     a, b = tmp_path / "a", tmp_path / "b"

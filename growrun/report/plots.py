@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 
 from growrun.report.render import si as _si
 from growrun.report.table import Group
@@ -51,7 +52,7 @@ def _curves(groups: list[Group], x_key: str, title: str, xlabel: str, log_x: boo
     for i, j, g, pts in lines:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker=MARKERS[j % len(MARKERS)], markersize=4, color=_colour(i), alpha=0.85,
-                label=f"{g.label} (n={len(g.runs)})" if j == 0 else None)
+                label=f"{g.short_label} (n={len(g.runs)})" if j == 0 else None)
     if log_x and all(x > 0 for *_, pts in lines for x, _ in pts):
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis, [x for *_, pts in lines for x, _ in pts])
@@ -59,9 +60,9 @@ def _curves(groups: list[Group], x_key: str, title: str, xlabel: str, log_x: boo
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, title="group (one line per seed, marker = seed)", title_fontsize=8)
-    fig.tight_layout()
-    return fig
+    ax.legend(fontsize=8, title="group (one line per seed, marker = seed)", title_fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    return fig  # no tight_layout: it would shrink the axes for the legend; savefig extends the canvas
 
 
 def acc_vs_params(groups: list[Group]):
@@ -117,7 +118,7 @@ def widths(groups: list[Group]):
         ax.set_yscale("symlog", base=2, linthresh=1)
         ax.yaxis.set_major_formatter(_plain_ticks())
         ax.xaxis.set_major_locator(_integer_ticks())
-        ax.set_title(_short(g.label), fontsize=9)
+        ax.set_title(_wrapped(g.short_label), fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("site width (channels / units)")
         ax.grid(True, alpha=0.3)
@@ -146,7 +147,7 @@ def psi(groups: list[Group]):
         if positive:
             ax.set_yscale("log")
             _plain_log_ticks(ax.yaxis, ys_all)
-        ax.set_title(_short(g.label), fontsize=9)
+        ax.set_title(_wrapped(g.short_label), fontsize=9)
         ax.set_xlabel("epoch of the growth event")
         ax.set_ylabel("Psi (bottleneck norm)")
         ax.grid(True, which="both", alpha=0.3)
@@ -184,8 +185,8 @@ def _plain_log_ticks(axis, values: list[float]) -> None:
     axis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _short(text: str, width: int = 60) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _wrapped(text: str, width: int = 55) -> str:
+    return textwrap.fill(text, width, break_long_words=False)
 
 
 PLOTS = [  # (file name, description, builder, why it may be skipped)
@@ -210,7 +211,7 @@ def build_plots(groups: list[Group]) -> tuple[dict[str, bytes], list[tuple[str, 
             skipped.append(f"`{name}` ({what}): {why if groups else 'no ok run'}")
             continue
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # legends outside the axes
         plt.close(fig)
         images[name] = buf.getvalue()
         written.append((name, what))

@@ -5,7 +5,8 @@ between runs. Not swept, whatever their values: `seed` (what each group averages
 `resume`, `hydra.*`, and keys that only say where data lives or how the run is displayed
 (IGNORED_KEYS). A key's value in a run is its value in the run's composed config when the key
 names a scalar there (so `optim.lr=0.10` and a default of 0.1 agree), else the override text
-(config groups: `growth=tiny`), else "(default)".
+(config groups: `growth=tiny`), else "(default)"; "n/a" for growth.* keys of a run with
+growth.method=none (a fixed network: its growth settings do nothing).
 
 Per group and metric: n, mean and sample standard deviation (ddof = 1; None when n = 1) of
     final_test_acc   test_acc of the last metrics.csv row (fraction 0..1)
@@ -28,6 +29,7 @@ from growrun.report.runs import Run
 IGNORED_KEYS = {"seed", "resume", "dataset.root", "dataset.download", "dataset.verify", "trainer.progress"}
 IGNORED_PREFIXES = ("hydra.", "hydra/")
 DEFAULT = "(default)"
+NOT_APPLICABLE = "n/a"
 METRICS = ["final_test_acc", "best_test_acc", "params", "flops_per_image", "wall_seconds", "growth_share"]
 
 
@@ -49,6 +51,11 @@ class Group:
     @property
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.key.items()) or "all runs"
+
+    @property
+    def short_label(self) -> str:
+        """The label for plots: last key component, numbers to 4 significant digits."""
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_compact(v)}" for k, v in self.key.items()) or "all runs"
 
     @property
     def seeds(self) -> list:
@@ -76,6 +83,8 @@ def is_ignored(key: str) -> bool:
 
 
 def key_value(run: Run, key: str) -> str:
+    if key.startswith("growth.") and str((run.config.get("growth") or {}).get("method", "none")) == "none":
+        return NOT_APPLICABLE  # growth settings of a run that does not grow
     node: object = run.config
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -92,6 +101,13 @@ def key_value(run: Run, key: str) -> str:
 
 
 _MISSING = object()
+
+
+def _compact(text: str) -> str:
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
 
 
 def _text(value: object) -> str:
