@@ -33,6 +33,11 @@ def test_growth_steps_with_fractional_dt():
     assert policy.growth_steps(gcfg(dt=0.25, first_epoch=1.0, last_epoch=2.0), 8, 5) == [8, 10, 12, 14, 16]
     assert policy.growth_steps(gcfg(), 10, 3) == [10, 20]  # never after the last step
     assert policy.growth_steps(gcfg(dt=0.5, first_epoch=0.5), 4, 2) == [2, 4, 6]
+    # rounded per event, not per interval: dt = 0.25 of 390 steps (97.5) does not drift
+    due = policy.growth_steps(gcfg(dt=0.25, first_epoch=0.25), 390, 3)
+    assert len(due) == 11 and due[3] == 390 and due[7] == 780 and due[0] == 98 and due[1] == 195
+    # a dt below one step still gives one event per step
+    assert policy.growth_steps(gcfg(dt=0.1, first_epoch=0.0), 4, 1) == [1, 2, 3]
 
 
 def test_targets_counts_and_site_choice():

@@ -11,6 +11,7 @@ Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig)
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from growrun.errors import GrowrunError
@@ -19,11 +20,19 @@ from growrun.errors import GrowrunError
 def growth_steps(cfg, steps_per_epoch: int, epochs: int) -> list[int]:
     """Global step counts at which growth is due: first_epoch, then every dt epochs, up to
     last_epoch (default: the end of training, exclusive)."""
-    every = max(1, round(cfg.dt * steps_per_epoch))
-    first = max(1, round(cfg.first_epoch * steps_per_epoch))
     end = epochs * steps_per_epoch
     last = end - 1 if cfg.last_epoch is None else min(end - 1, round(cfg.last_epoch * steps_per_epoch))
-    return list(range(first, last + 1, every))
+    return list(itertools.takewhile(lambda s: s <= last, _event_steps(cfg, steps_per_epoch)))
+
+
+def _event_steps(cfg, steps_per_epoch: int):
+    """Event i at step round((first_epoch + i * dt) * steps_per_epoch), at least one step after
+    event i - 1: rounded per event, so a fractional dt does not drift (dt = 0.25 of 390 steps
+    gives 4 events per epoch, the 4th at its end), and never before step 1."""
+    step = 0
+    for i in itertools.count():
+        step = max(step + 1, round((cfg.first_epoch + i * cfg.dt) * steps_per_epoch))
+        yield step
 
 
 def target_widths(cfg, names: list[str], full: list[int], current: list[int]) -> dict[str, int]:
@@ -88,11 +97,9 @@ def planned_events(cfg, start: dict[str, int], targets: dict[str, int]) -> int:
 
 
 def planned_epochs(cfg, events: int, steps_per_epoch: int) -> int:
-    """The epoch in which the last of `events` growth events falls (same step arithmetic as
+    """The epoch in which the last of `events` growth events falls (the steps of
     growth_steps), plus growth.extra_epochs."""
     if events == 0:
         return cfg.extra_epochs
-    every = max(1, round(cfg.dt * steps_per_epoch))
-    first = max(1, round(cfg.first_epoch * steps_per_epoch))
-    last_step = first + (events - 1) * every
+    last_step = next(itertools.islice(_event_steps(cfg, steps_per_epoch), events - 1, None))
     return math.ceil(last_step / steps_per_epoch) + cfg.extra_epochs
