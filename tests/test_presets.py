@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_module
 from growrun.config import store  # noqa: F401
 from growrun.config.validate import validate
 from growrun.growth import policy
-from growrun.models import build_model, full_site_widths, initial_arch
-from growrun.train.run import _plan_epochs
+from growrun.models import initial_arch
+from growrun.train.run import _plan_epochs, planned_widths
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -39,14 +39,11 @@ def makefile_sweep(scale: str) -> list[list[str]]:
 def plan(cfg, num_classes: int, train_images: int) -> tuple[list[int], dict[str, int], int]:
     """(start widths, target widths, planned growth events) of a composed config; sets
     trainer.epochs as a run does (growth.extra_epochs)."""
-    arch = initial_arch(cfg.model, num_classes, (3, 32, 32))
-    sites = build_model(arch).sites()
-    start = [s.width for s in sites.values()]
-    targets = policy.target_widths(cfg.growth, list(sites), full_site_widths(arch, cfg.model), start)
-    events = policy.planned_events(cfg.growth, dict(zip(sites, start)), targets)
+    start, targets = planned_widths(cfg, num_classes, (3, 32, 32))
+    events = policy.planned_events(cfg.growth, start, targets)
     data = SimpleNamespace(num_classes=num_classes, input_shape=(3, 32, 32))
     _plan_epochs(cfg, data, train_images // cfg.trainer.batch_size)
-    return start, targets, events
+    return list(start.values()), targets, events
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

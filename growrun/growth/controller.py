@@ -44,7 +44,7 @@ COLUMNS = ["event", "epoch", "step", "site", "method", "requested", "added", "wi
 
 
 def draw_samples(split, normalize, n_stats: int, n_search: int, batch_size: int, gen: torch.Generator,
-                 memory_format=torch.contiguous_format):
+                 memory_format: torch.memory_format):
     """Statistics batches (of batch_size) and the held line-search batch: disjoint, drawn by
     gen from the split, normalised, not augmented; at least one image is left for the search."""
     n = len(split)

@@ -46,6 +46,11 @@ class Run:
     def seed(self):
         return self.config.get("seed")
 
+    @property
+    def method(self) -> str:
+        """growth.method of the run's config ("none": a fixed network)."""
+        return str((self.config.get("growth") or {}).get("method", "none"))
+
 
 def find_run_dirs(paths: list[Path]) -> list[Path]:
     """Every run directory under the given paths (see the module docstring), without repeats."""
@@ -138,9 +143,8 @@ def _reason(run: Run, problems: list[str]) -> str | None:
     done = (run.summary or {}).get("epochs_done")
     if done is not None and last.get("epoch") is not None and int(last["epoch"]) != int(done):
         return f"metrics.csv ends at epoch {int(last['epoch'])} but summary.json says {done} epochs done"
-    method = (run.config.get("growth") or {}).get("method", "none")
-    if method != "none" and run.growth is None:
-        return f"growth.csv missing (growth.method={method})"
+    if run.method != "none" and run.growth is None:
+        return f"growth.csv missing (growth.method={run.method})"
     return None
 
 

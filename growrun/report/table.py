@@ -63,12 +63,7 @@ class Group:
 
     @property
     def methods(self) -> list[str]:
-        found: list[str] = []
-        for r in self.runs:
-            method = str((r.config.get("growth") or {}).get("method", "none"))
-            if method not in found:
-                found.append(method)
-        return found
+        return list(dict.fromkeys(r.method for r in self.runs))
 
 
 def parse_override(text: str) -> tuple[str, str | None]:
@@ -83,7 +78,7 @@ def is_ignored(key: str) -> bool:
 
 
 def key_value(run: Run, key: str) -> str:
-    if key.startswith("growth.") and str((run.config.get("growth") or {}).get("method", "none")) == "none":
+    if key.startswith("growth.") and run.method == "none":
         return NOT_APPLICABLE  # growth settings of a run that does not grow
     node: object = run.config
     for part in key.split("."):

@@ -178,12 +178,19 @@ def _plan_epochs(cfg: DictConfig, data, steps_per_epoch: int) -> None:
         return
     from growrun.growth import policy
 
-    arch = initial_arch(cfg.model, data.num_classes, data.input_shape)
-    start = {n: s.width for n, s in build_model(arch).sites().items()}
-    full = full_site_widths(arch, cfg.model)
-    targets = policy.target_widths(g, list(start), full, list(start.values()))
+    start, targets = planned_widths(cfg, data.num_classes, data.input_shape)
     cfg.trainer.epochs = policy.planned_epochs(g, policy.planned_events(g, start, targets), steps_per_epoch)
     log.info("growth.extra_epochs=%d: training for %d epochs", g.extra_epochs, cfg.trainer.epochs)
+
+
+def planned_widths(cfg: DictConfig, num_classes: int, input_shape) -> tuple[dict[str, int], dict[str, int]]:
+    """({site: start width}, {site: target width}) of the configured model and growth."""
+    from growrun.growth import policy
+
+    arch = initial_arch(cfg.model, num_classes, input_shape)
+    start = {n: s.width for n, s in build_model(arch).sites().items()}
+    targets = policy.target_widths(cfg.growth, list(start), full_site_widths(arch, cfg.model), list(start.values()))
+    return start, targets
 
 
 def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int):
