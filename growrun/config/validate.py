@@ -38,10 +38,16 @@ def _check(schema: type, node: Any, prefix: str) -> None:
             continue
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
-            raise GrowrunError(f"{key}={value}: not an allowed value; choose one of {', '.join(allowed)}")
+            raise GrowrunError(f"{key}={_show(value)}: not an allowed value; choose one of "
+                               f"{', '.join(map(_show, allowed))}")
         bounds = f.metadata.get("range")
         if bounds and not _in_range(value, bounds):
             raise GrowrunError(f"{key}={value}: out of range; must be {_describe(bounds)}")
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in an override (true / false for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _nested_schema(f: dataclasses.Field) -> type | None:

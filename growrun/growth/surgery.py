@@ -25,19 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from growrun.growth.site import Neurons, Site, frozen_bn_stats
+from growrun.models.layers import conv2d
 
 
 def l1_op(site: Site, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> torch.Tensor:
     """The new neurons' pre-activations: L1's operation with their fan-in."""
     if site.is_conv:
-        return F.conv2d(x, w1, b1, site.l1.stride, site.l1.padding)
+        return conv2d(x, w1, b1, site.l1.stride, site.l1.padding)
     return F.linear(x, w1, b1)
 
 
 def l2_op(site: Site, h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The new neurons' contribution to L2's output (no bias: L2's bias is already there)."""
     if site.is_conv:
-        return F.conv2d(h, w2, None, site.l2.stride, site.l2.padding)
+        return conv2d(h, w2, None, site.l2.stride, site.l2.padding)
     return F.linear(h, w2)
 
 

@@ -3,6 +3,13 @@
 torch's Conv2d refuses 0 output channels (and returns the wrong shape for 0 input channels)
 and BatchNorm refuses 0 features; Linear copes but warns at init. These subclasses keep the torch types (isinstance checks, state_dict keys, hooks) and
 only special-case the empty widths.
+
+`conv2d` also steers clear of a oneDNN defect: on AVX2 kernels (AVX2-only x86 CPUs, or any x86
+CPU with ONEDNN_MAX_CPU_ISA=AVX2), the backward of a 1x1, stride-2, unpadded convolution with
+2-7 input channels in channels_last format corrupts the heap (SIGSEGV, "double free", or a
+hang with 2 threads; torch 2.14.1, oneDNN v3.12; 1, 8-33 channels, stride 1 or 3, 3x3
+kernels and NCHW were fine). Such a convolution is computed as the 1x1 stride-1 convolution of
+the subsampled input, conv(x, stride s) = conv(x[..., ::s, ::s], stride 1): the same sums.
 """
 from __future__ import annotations
 
@@ -21,6 +28,19 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+UNSAFE_CHANNELS = range(2, 8)  # measured crash range of the oneDNN defect above (8: block width)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
+    """F.conv2d (groups 1, dilation 1) that never runs the crashing oneDNN kernel (module doc)."""
+    stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
+    padding = tuple(padding) if isinstance(padding, (tuple, list)) else (padding, padding)
+    if (weight.shape[-2:] == (1, 1) and stride != (1, 1) and padding == (0, 0)
+            and weight.shape[1] in UNSAFE_CHANNELS and x.device.type == "cpu"):
+        return F.conv2d(x[..., :: stride[0], :: stride[1]], weight, bias)
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d that also works with in_channels == 0 or out_channels == 0."""
 
@@ -32,7 +52,9 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.numel():
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            if self.groups != 1 or self.dilation != (1, 1):
+                return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv2d(x, self.weight, self.bias, self.stride, self.padding)
         # Empty input or output: F.conv2d would refuse or return the wrong shape. The output is
         # the bias (or 0), tied to the weight so that autograd hooks on it see a graph node.
         h, w = x.shape[-2:]

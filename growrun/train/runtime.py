@@ -31,6 +31,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def memory_format(channels_last, device: torch.device) -> torch.memory_format:
+    """trainer.channels_last: true / false, or auto: channels_last on CPU and CUDA, where it
+    trained faster (bench/memory_format.json; the CPU's known oneDNN crash in this format is
+    avoided by growrun.models.layers.conv2d), contiguous elsewhere (MPS)."""
+    if channels_last == "auto":
+        channels_last = device.type in ("cpu", "cuda")
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def configure(threads: int, deterministic: bool) -> None:
     if threads:
         torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from growrun.data import BatchLoader, DataBundle
+from growrun.train import runtime
 
 log = logging.getLogger("growrun")
 _POSTFIX_EVERY = 25
@@ -49,7 +50,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if t.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
-        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.memory_format = runtime.memory_format(t.channels_last, device)
         self.prepare_model()
         progress = t.progress
         self.show_progress = progress == "on" or (progress == "auto" and sys.stderr.isatty())
