@@ -93,3 +93,24 @@ def test_width_zero_block_is_its_shortcut():
     assert torch.equal(block(x), x)
     block = model.layer3[1]
     assert torch.equal(block(x[:, :, :4, :4].repeat(1, 2, 1, 1)), x[:, :, :4, :4].repeat(1, 2, 1, 1))
+
+
+@pytest.mark.parametrize("cin", [1, 2, 5, 7, 8])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_strided_1x1_conv_rewrite_is_the_same_convolution(cin, fmt):
+    """growrun's Conv2d computes 1x1 stride-2 convs with 2-7 input channels on the subsampled
+    input (a oneDNN crash guard): outputs and gradients equal torch's own convolution."""
+    from growrun.models.layers import Conv2d
+
+    torch.manual_seed(cin)
+    conv = Conv2d(cin, 6, 1, stride=2, bias=True).double()
+    x = torch.randn(4, cin, 9, 10, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    conv.to(memory_format=fmt)
+    out = conv(x)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.conv2d(ref_x, conv.weight.detach(), conv.bias.detach(), 2)
+    assert out.shape == ref.shape == (4, 6, 5, 5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
