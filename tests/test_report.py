@@ -99,7 +99,8 @@ def make_run(path: Path, seed: int, overrides: list[str], *, config: dict | None
                 for k, site in enumerate(SITES):
                     w.writerow({c: 0 for c in GROWTH_COLUMNS} | {
                         "event": event, "epoch": 0.5 + 0.5 * event, "step": 2 + 2 * event, "site": site,
-                        "method": cfg["growth"]["method"], "requested": 2, "added": 2, "width_after": 3 + k,
+                        "method": cfg["growth"]["method"], "requested": 2, "added": 2 - k % 2,
+                        "reason": "rank" if k % 2 else "", "width_after": 3 + k,
                         "params_after": 40000, "psi": (k + 1) / (event + seed), "lambdas_top": "0.1;0.05",
                         "stats_seconds": 0.01, "solve_seconds": 0.002, "search_seconds": 0.03})
     if status is not None:

@@ -1,5 +1,6 @@
 """Surgery: insertion preserves the function at gamma = 0, the candidate equals the real
-insertion at any gamma, BN starts as the identity, optimizer state survives growth."""
+insertion at any gamma (with the best update dW2* too), BN starts as the identity, optimizer
+state survives growth, neurons computed before a neighbouring site grew still fit."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from growrun.growth.site import Neurons, frozen_bn_stats
-from growrun.growth.surgery import candidate, insert_neurons, new_channel_moments
+from growrun.growth.surgery import apply_weight_update, candidate, fit_to_site, insert_neurons, new_channel_moments
 from growrun.models import build_model
 from growrun.train.optim import build_optimizer
 
@@ -242,3 +243,51 @@ def test_grow_width_zero_site_twice():
         with frozen_bn_stats(model):
             torch.testing.assert_close(model(x), tried, rtol=1e-10, atol=1e-10)
     assert model.sites()[name].width == 5
+
+
+@pytest.mark.parametrize("arch, name", CASES, ids=IDS)
+def test_candidate_with_weight_update_equals_insertion_then_update(arch, name):
+    """growth.apply_dw: the line search evaluates the candidate at gamma with L2 += gamma^2 dW2*
+    (dW2* of L2's shape before growth); inserting at gamma and applying the same update to the
+    existing columns afterwards computes exactly that, and leaves the new columns alone."""
+    model, x = make(arch)
+    site = model.sites()[name]
+    gen = torch.Generator().manual_seed(8)
+    neurons = random_neurons(site, 2, gen)
+    dw2 = torch.randn(site.l2.weight.shape, generator=gen, dtype=torch.float64)
+    db2 = None if site.l2.bias is None else torch.randn(site.out_width, generator=gen, dtype=torch.float64)
+    mean, var = new_channel_moments(model, site, neurons, [x]) if site.bn is not None else (None, None)
+    gamma, grown = 0.6, copy.deepcopy(model)
+    with frozen_bn_stats(model), torch.no_grad(), candidate(site, neurons, mean, var) as cand:
+        cand.gamma = gamma
+        apply_weight_update(site, dw2, db2, gamma**2)
+        tried = model(x)
+    g_site = grown.sites()[name]
+    insert_neurons(g_site, neurons.scaled(gamma), None if mean is None else gamma * mean,
+                   None if var is None else gamma**2 * var)
+    new_columns = g_site.l2.weight[:, -2:].detach().clone()
+    apply_weight_update(g_site, dw2, db2, gamma**2)
+    with frozen_bn_stats(grown), torch.no_grad():
+        torch.testing.assert_close(grown(x), tried, rtol=1e-10, atol=1e-10)
+    assert torch.equal(g_site.l2.weight[:, -2:], new_columns)
+
+
+def test_neurons_fit_a_site_whose_neighbour_grew_first():
+    """MLP: fc1's L2 is fc2's L1. Neurons for both, computed before either grows; after fc1
+    grows, fc2's neurons get zero fan-in from fc1's new units and still insert exactly."""
+    arch = {"name": "mlp", "in_features": 3 * 16 * 16, "num_classes": 5, "hidden": [6, 4], "batchnorm": True}
+    model, x = make(arch)
+    fc1, fc2 = model.sites()["fc1"], model.sites()["fc2"]
+    gen = torch.Generator().manual_seed(9)
+    first, second = random_neurons(fc1, 2, gen), random_neurons(fc2, 3, gen)
+    insert_neurons(fc1, first, *new_channel_moments(model, fc1, first, [x]))
+    fitted = fit_to_site(fc2, second)
+    assert fitted.w1.shape == (3, 8) and torch.equal(fitted.w1[:, :6], second.w1)
+    assert torch.count_nonzero(fitted.w1[:, 6:]) == 0 and fit_to_site(fc1, first) is first
+    mean, var = new_channel_moments(model, fc2, fitted, [x])
+    with frozen_bn_stats(model), torch.no_grad(), candidate(fc2, fitted, mean, var) as cand:
+        cand.gamma = 0.5
+        tried = model(x)
+    insert_neurons(fc2, fitted.scaled(0.5), 0.5 * mean, 0.25 * var)
+    with frozen_bn_stats(model), torch.no_grad():
+        torch.testing.assert_close(model(x), tried, rtol=1e-10, atol=1e-10)

@@ -76,7 +76,7 @@ class OptimConfig:
 
 @dataclass
 class LineSearchConfig:
-    batch_size: int = bounded(512, 1)  # held-out training images the loss is measured on
+    batch_size: int = bounded(512, 2)  # held-out training images the loss is measured on
     shrink: float = bounded(0.5, 0.0, 1.0, lo_open=True, hi_open=True)  # backtracking factor
     max_iter: int = bounded(12, 1)
     max_gamma: float = bounded(100.0, 0.0, lo_open=True)  # 10 capped TINY in 62 of 64 searches
@@ -105,8 +105,8 @@ class GrowthConfig:
     target_fraction: float = bounded(1.0, 0.0, lo_open=True)
     target_widths: Optional[List[int]] = None
     param_budget: int = bounded(0, 0)  # stop growing past this many parameters (0: no budget)
-    samples: int = bounded(1024, 1)  # n, training images the statistics are computed on
-    stats_batch_size: int = bounded(256, 1)
+    samples: int = bounded(1024, 2)  # n, training images the statistics are computed on
+    stats_batch_size: int = bounded(256, 2)  # BatchNorm in training mode needs 2 images per batch
     line_search: LineSearchConfig = field(default_factory=LineSearchConfig)
     apply_dw: bool = False  # also apply the best update dW2* of the existing L2 weights
     conv_fanout: str = choices("center", "center", "full")

@@ -2,12 +2,21 @@
 `grow(trainer)` runs one growth event (tiny_math.md section 7):
 
     1. draw the statistics samples and a disjoint line-search batch from the training set
-       (seeded by (seed, event): a resumed run redraws the same ones), no augmentation;
-    2. one statistics pass over the sites that may grow (growrun.growth.stats);
-    3. per chosen site: propose neurons (growrun.growth.neurons), measure the new channels'
-       moments for BatchNorm, line-search gamma (growrun.growth.linesearch), insert them
-       (growrun.growth.surgery) with the optimizer state extended;
-    4. append one row per site to growth.csv.
+       (seeded by (seed, event): a resumed run redraws the same ones), no augmentation; on a
+       training set too small for both, both draws shrink (policy.draw_sizes);
+    2. one statistics pass over the sites that may grow (below their target, and at least one
+       neuron within growth.param_budget);
+    3. per chosen site: propose neurons (growrun.growth.neurons), cap them by the budget left,
+       measure the new channels' moments for BatchNorm, line-search gamma
+       (growrun.growth.linesearch), insert them (growrun.growth.surgery) with the optimizer
+       state extended; with growth.apply_dw also L2 += gamma^2 dW2* on the existing columns,
+       exactly what the line search evaluated;
+    4. append one row per site to growth.csv, also when it gets no neuron.
+
+A site may get fewer neurons than the schedule requested, 0 included; the row's `reason` names
+the first stage that cut the count: "adaptive" (the adaptive rule kept fewer), "rank" (fewer
+directions above the solver's threshold), "budget" (growth.param_budget), "no_gain" (the line
+search found no gamma that lowers the loss); "" when all requested neurons were added.
 
 Function-preserving methods (gradmax, zero) skip the line search: gamma = 1, their fan-out
 scale is their own. Statistics and line search run in training mode (the mode training
@@ -30,38 +39,47 @@ from growrun.growth.linesearch import SearchResult, line_search
 from growrun.growth.neurons import Proposal, propose
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
-from growrun.growth.surgery import apply_weight_update, insert_neurons, new_channel_moments
+from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_neurons, new_channel_moments
 from growrun.models import count_params, full_site_widths
 from growrun.train.outputs import CsvLog
 
 log = logging.getLogger("growrun")
 _GROWTH_STREAM = 0x67726F77
 FUNCTION_PRESERVING = ("gradmax", "zero")
-COLUMNS = ["event", "epoch", "step", "site", "method", "requested", "added", "width_after", "params_after",
-           "psi", "d_w", "lambdas_top", "bottleneck_gain", "first_order", "gamma", "predicted_gain",
-           "loss_before", "loss_candidate", "loss_after", "measured_gain", "stats_seconds", "solve_seconds",
-           "search_seconds"]
+COLUMNS = [
+    "event", "epoch", "step", "site", "method", "requested", "added", "reason", "width_after", "params_after",
+    "psi", "d_w", "lambdas_top", "bottleneck_gain", "first_order", "gamma", "predicted_gain",
+    "loss_before", "loss_candidate", "loss_after", "measured_gain",
+    "stats_seconds", "solve_seconds", "search_seconds",
+]
 
 
 def draw_samples(split, normalize, n_stats: int, n_search: int, batch_size: int, gen: torch.Generator,
                  memory_format: torch.memory_format):
-    """Statistics batches (of batch_size) and the held line-search batch: disjoint, drawn by
-    gen from the split, normalised, not augmented; at least one image is left for the search."""
-    n = len(split)
-    n_stats = min(n_stats, n - 1)
-    n_search = min(n_search, n - n_stats)
-    order = torch.randperm(n, generator=gen)[: n_stats + n_search].to(split.images.device)
+    """Statistics batches (of batch_size; a last batch of one image joins the one before) and
+    the held line-search batch: disjoint, drawn by gen from the split, normalised, not
+    augmented; both shrunk by policy.draw_sizes when the split cannot hold them."""
+    n_stats, n_search = policy.draw_sizes(len(split), n_stats, n_search)
+    order = torch.randperm(len(split), generator=gen)[: n_stats + n_search].to(split.images.device)
 
     def batch(idx):
         x = normalize(split.images.index_select(0, idx))
         return x.contiguous(memory_format=memory_format), split.labels.index_select(0, idx)
 
-    stats_batches = [batch(order[i:min(i + batch_size, n_stats)]) for i in range(0, n_stats, batch_size)]
-    return stats_batches, batch(order[n_stats:])
+    return [batch(idx) for idx in _chunks(order[:n_stats], batch_size)], batch(order[n_stats:])
+
+
+def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """idx in chunks of `size`; a last chunk of a single entry is merged into the one before
+    (BatchNorm in training mode needs 2 values per channel)."""
+    chunks = list(idx.split(size))
+    if len(chunks) > 1 and chunks[-1].numel() == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
 
 
 class GrowthController:
-    def __init__(self, cfg, run_dir: Path, model, steps_per_epoch: int):
+    def __init__(self, cfg, run_dir: Path, model, steps_per_epoch: int, n_train: int):
         self.cfg, self.g, self.steps_per_epoch = cfg, cfg.growth, steps_per_epoch
         self.schedule = set(policy.growth_steps(self.g, steps_per_epoch, cfg.trainer.epochs))
         sites = model.sites()
@@ -72,13 +90,14 @@ class GrowthController:
         self.event, self.turn = 0, 0
         self.model = model  # grown in place: the same object for the whole run
         self.log = CsvLog(run_dir / "growth.csv", COLUMNS)
+        _log_draw_sizes(self.g, n_train)
 
     # --- the trainer's interface -------------------------------------------------------------
     def start_log(self, keep_until_step: int | None) -> None:
         self.log.start(keep=(lambda row: int(row["step"]) <= keep_until_step) if keep_until_step is not None else None)
 
     def due(self, step: int) -> bool:
-        return step in self.schedule and self._budget_left() and bool(self._pending_names())
+        return step in self.schedule and bool(self._growable_names())
 
     def state_dict(self) -> dict:
         return {"event": self.event, "turn": self.turn, "start": dict(self.start)}
@@ -94,22 +113,21 @@ class GrowthController:
                                                    self.g.line_search.batch_size, self.g.stats_batch_size, gen,
                                                    trainer.memory_format)
         sites = model.sites()
-        pending = self._pending_names()
+        pending = self._growable_names()
         grow_now = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" else pending
-        loss_sum = self._loss_fn("sum")
         t0 = time.time()
-        stats = collect_statistics(model, [sites[n] for n in grow_now], stats_batches, loss_sum,
+        stats = collect_statistics(model, [sites[n] for n in grow_now], stats_batches, self._loss_fn("sum"),
                                    conv_fanout=self.g.conv_fanout)
         stats_seconds = (time.time() - t0) / max(1, len(grow_now))
-        proposals, solve_seconds = {}, {}
+        proposals, trails, solve_seconds = {}, {}, {}
         for name in grow_now:
             t0 = time.time()
-            proposals[name] = self._propose(model, sites[name], stats[name], gen)
+            proposals[name], trails[name] = self._propose(sites[name], stats[name], gen)
             solve_seconds[name] = time.time() - t0
         if self.g.sites == "best_gain":
             scores = {n: _score(p, sites[n]) for n, p in proposals.items()}
             grow_now = policy.pick_sites("best_gain", pending, self.names, self.turn, scores)
-        rows = [self._grow_site(model, sites[n], proposals[n], stats_batches, search_batch, trainer)
+        rows = [self._grow_site(model, sites[n], proposals[n], trails[n], stats_batches, search_batch, trainer)
                 for n in grow_now]
         for row, name in zip(rows, grow_now):
             row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name])
@@ -118,68 +136,87 @@ class GrowthController:
             self.turn = (self.names.index(grow_now[0]) + 1) % len(self.names)
         self.event += 1
         trainer.prepare_model()
-        added = ", ".join(f"{r['site']}+{r['added']}" for r in rows)
+        added = ", ".join(f"{r['site']}+{r['added']}" + (f" ({r['reason']})" if r["reason"] else "") for r in rows)
         log.info("growth %d at step %d: %s (%.1fs)", self.event, trainer.step, added or "nothing", time.time() - started)
         return time.time() - started
 
     # --- one event -----------------------------------------------------------------------------
-    def _pending_names(self) -> list[str]:
-        return [n for n, s in self.model.sites().items() if s.width < self.targets[n]]
-
-    def _budget_left(self) -> bool:
-        return not self.g.param_budget or count_params(self.model) < self.g.param_budget
+    def _growable_names(self) -> list[str]:
+        """Sites below their target width for which growth.param_budget leaves one neuron."""
+        params = count_params(self.model)
+        return [n for n, s in self.model.sites().items()
+                if s.width < self.targets[n] and policy.affordable(self.g, params, s.params_per_neuron()) != 0]
 
     def _loss_fn(self, reduction: str):
         smoothing = self.cfg.trainer.label_smoothing
         return lambda logits, y: F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=smoothing)
 
-    def _propose(self, model, site, stats, gen) -> Proposal:
+    def _propose(self, site, stats, gen) -> tuple[Proposal, list[tuple[str, int]]]:
+        """The site's proposal and its trail: the neuron count after each stage that may cut it
+        (requested by the schedule, then the adaptive rule, then the solver's rank threshold)."""
         g = self.g
-        params = count_params(model)
-        k = policy.neuron_count(g, site.width, self.start[site.name], self.targets[site.name], params,
-                                site.params_per_neuron())
+        k = policy.requested_count(g, site.width, self.start[site.name], self.targets[site.name])
+        trail = [("", k)]
         if g.neurons == "adaptive" and k:
             k = adaptive_count(stats, projection=g.method != "tiny_noproj", noise_sigmas=g.noise_sigmas,
                                max_count=k, rel_eps=g.rel_eps)
-        return propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
-                       rel_eps=g.rel_eps, generator=gen)
+            trail.append(("adaptive", k))
+        proposal = propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
+                           rel_eps=g.rel_eps, generator=gen)
+        trail.append(("rank", proposal.count))
+        return proposal, trail
 
-    def _grow_site(self, model, site, proposal: Proposal, stats_batches, search_batch, trainer) -> dict:
-        g, neurons = self.g, proposal.neurons
-        requested = proposal.count
+    def _grow_site(self, model, site, proposal: Proposal, trail: list, stats_batches, search_batch, trainer) -> dict:
+        """Cap by the budget left, search gamma, insert; the site's growth.csv row."""
         t0 = time.time()
-        moments = None
-        if site.bn is not None and neurons.count:
-            moments = new_channel_moments(model, site, neurons, [x for x, _ in stats_batches])
-        update = self._update_fn(site, proposal) if g.apply_dw else None
-        slope = proposal.first_order - (proposal.d_w if g.apply_dw else 0.0)
-        loss_mean = self._loss_fn("mean")
-        if g.method in FUNCTION_PRESERVING:  # no line search: the function does not change
-            before = _measure(model, search_batch, loss_mean)
-            found = SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, 1)
-        else:
-            found = line_search(model, site, neurons, moments, slope, search_batch, loss_mean, g.line_search, update,
-                                g.bn_init)
-        gamma = found.gamma
-        added = neurons.count if gamma > 0 else 0
+        cap = policy.affordable(self.g, count_params(model), site.params_per_neuron())
+        if cap is not None and cap < proposal.count:
+            proposal = proposal.take(cap)
+        trail = [*trail, ("budget", proposal.count)]
+        neurons = fit_to_site(site, proposal.neurons)
+        moments = new_channel_moments(model, site, neurons, [x for x, _ in stats_batches]) \
+            if site.bn is not None and neurons.count else None
+        found = self._search(model, site, proposal, neurons, moments, search_batch)
+        added = neurons.count if found.gamma > 0 else 0
+        trail.append(("no_gain", added))
         if added:
-            mean, var = moments if moments is not None else (None, None)
-            insert_neurons(site, neurons.scaled(gamma), None if mean is None else gamma * mean,
-                           None if var is None else gamma * gamma * var, trainer.optimizer, g.bn_init)
-            if g.apply_dw:
-                apply_weight_update(site, proposal.dw2, proposal.db2, gamma * gamma)
+            self._insert(site, proposal, neurons, moments, found.gamma, trainer.optimizer)
         search_seconds = time.time() - t0
-        loss_after = _measure(model, search_batch, loss_mean)
+        loss_after = _measure(model, search_batch, self._loss_fn("mean"))
         return {
             "event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,
-            "site": site.name, "method": g.method, "requested": requested, "added": added,
-            "width_after": site.width, "params_after": count_params(model), "psi": proposal.psi,
-            "d_w": proposal.d_w, "lambdas_top": ";".join(f"{v:.4g}" for v in proposal.lambdas[:5].tolist()),
-            "bottleneck_gain": proposal.bottleneck_gain, "first_order": slope, "gamma": gamma,
+            "site": site.name, "method": self.g.method, "requested": trail[0][1], "added": added,
+            "reason": _cut_reason(trail), "width_after": site.width, "params_after": count_params(model),
+            "psi": proposal.psi, "d_w": proposal.d_w,
+            "lambdas_top": ";".join(f"{v:.4g}" for v in proposal.lambdas[:5].tolist()),
+            "bottleneck_gain": proposal.bottleneck_gain, "first_order": self._slope(proposal), "gamma": found.gamma,
             "predicted_gain": -found.predicted, "loss_before": found.loss_before,
             "loss_candidate": found.loss_at_gamma, "loss_after": loss_after,
             "measured_gain": found.loss_before - loss_after, "search_seconds": search_seconds,
         }
+
+    def _slope(self, proposal: Proposal) -> float:
+        """Predicted mean-loss change per gamma^2 of what is inserted (with dW2* if applied)."""
+        return proposal.first_order - (proposal.d_w if self.g.apply_dw else 0.0)
+
+    def _search(self, model, site, proposal: Proposal, neurons, moments, search_batch) -> SearchResult:
+        """gamma by line search; function-preserving methods: gamma = 1 (no search)."""
+        g, loss_mean = self.g, self._loss_fn("mean")
+        if g.method in FUNCTION_PRESERVING:  # the function does not change
+            before = _measure(model, search_batch, loss_mean)
+            return SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, 1)
+        update = self._update_fn(site, proposal) if g.apply_dw else None
+        return line_search(model, site, neurons, moments, self._slope(proposal), search_batch, loss_mean,
+                           g.line_search, update, g.bn_init)
+
+    def _insert(self, site, proposal: Proposal, neurons, moments, gamma: float, optimizer) -> None:
+        """What the line search evaluated at gamma: L2 += gamma^2 dW2* on the existing columns
+        (growth.apply_dw), then the neurons at amplitude gamma (moments gamma m, gamma^2 v)."""
+        if self.g.apply_dw:
+            apply_weight_update(site, proposal.dw2, proposal.db2, gamma * gamma)
+        mean, var = moments if moments is not None else (None, None)
+        insert_neurons(site, neurons.scaled(gamma), None if mean is None else gamma * mean,
+                       None if var is None else gamma * gamma * var, optimizer, self.g.bn_init)
 
     @staticmethod
     def _update_fn(site, proposal: Proposal):
@@ -195,6 +232,23 @@ class GrowthController:
                 apply_weight_update(site, proposal.dw2, proposal.db2, scale)
 
         return update
+
+
+def _cut_reason(trail: list[tuple[str, int]]) -> str:
+    """The first stage of the trail that lowered the neuron count ("" if none did)."""
+    for (_, before), (stage, after) in zip(trail, trail[1:]):
+        if after < before:
+            return stage
+    return ""
+
+
+def _log_draw_sizes(g, n_train: int) -> None:
+    """Check up front that the training set holds both growth draws; say so when they shrink."""
+    n_stats, n_search = policy.draw_sizes(n_train, g.samples, g.line_search.batch_size)
+    if (n_stats, n_search) != (g.samples, g.line_search.batch_size):
+        log.info("growth draws shrunk to the %d training images: %d statistics samples (growth.samples=%d), "
+                 "%d line-search images (growth.line_search.batch_size=%d)", n_train, n_stats, g.samples,
+                 n_search, g.line_search.batch_size)
 
 
 def _score(proposal: Proposal, site) -> float:

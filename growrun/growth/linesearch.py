@@ -10,7 +10,8 @@ decrease of half the current loss:
 From there gamma backtracks geometrically (gamma <- shrink * gamma) on the true training loss
 of a held batch, evaluated with the candidate neurons attached by hooks (no module rebuilt),
 until the loss has decreased and stops improving; the best gamma seen wins. When no tried
-gamma lowers the loss, gamma = 0: no growth at this site.
+gamma lowers the loss, gamma = 0: no growth at this site. No neurons, or a slope p >= 0 (no
+first-order decrease): gamma = 0 at once, L(0) measured only.
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: 
     descent direction). `update(scale)` sets L2 to its original weights + scale * dW2* (so
     update(0) restores them exactly) when the best update is applied with the neurons."""
     x, y = batch
+    if neurons.count == 0 or not slope < 0:  # nothing to try (no moments are needed then)
+        with frozen_bn_stats(model):
+            base = float(loss_fn(model(x), y))
+        return SearchResult(0.0, base, base, 0.0, 1)
     mean, var = moments if moments is not None else (None, None)
     with frozen_bn_stats(model), candidate(site, neurons, mean, var, bn_init) as cand:
         def loss_at(gamma: float) -> float:
@@ -55,8 +60,6 @@ def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: 
                     update(0.0)
 
         base = loss_at(0.0)
-        if neurons.count == 0 or not slope < 0:
-            return SearchResult(0.0, base, base, 0.0, 1)
         gamma = min(cfg.max_gamma, math.sqrt(base / (2 * -slope)))
         best_gamma, best_loss, evaluations = 0.0, base, 1
         for _ in range(cfg.max_iter):

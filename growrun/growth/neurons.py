@@ -24,6 +24,7 @@ Methods
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class Proposal:
     lambdas: the whole TINY spectrum lambda (float64, decreasing; empty for other methods).
     bottleneck_gain: sum of lambda_k^2 over the kept neurons (linearised reduction of Psi).
     first_order: predicted change of the mean loss per gamma^2, s0 * sum_k alpha_k^T M1 omega_k.
+    per_neuron: its terms s0 * alpha_k^T M1 omega_k, one per neuron (float64).
     psi, d_w: the site's bottleneck Psi = g2 - d_W and the best update's first-order gain d_W.
     dw2, db2: the best update dW2* of L2's weight (L2's weight shape) and bias (or None).
     """
@@ -60,10 +62,19 @@ class Proposal:
     d_w: float
     dw2: torch.Tensor
     db2: torch.Tensor | None
+    per_neuron: torch.Tensor
 
     @property
     def count(self) -> int:
         return self.neurons.count
+
+    def take(self, k: int) -> "Proposal":
+        """The first k neurons (TINY and GradMax: the strongest), with their own first-order
+        change and bottleneck gain (sum of their lambda_k^2)."""
+        k = max(0, min(int(k), self.count))
+        per = self.per_neuron[:k]
+        return dataclasses.replace(self, neurons=self.neurons.take(k), per_neuron=per, first_order=float(per.sum()),
+                                   bottleneck_gain=float(self.lambdas[:k].square().sum()))
 
 
 def to_neurons(site: Site, alpha: torch.Tensor, omega: torch.Tensor) -> Neurons:
@@ -118,11 +129,11 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
     psi = bottleneck(ns.g2, d_w)
     d1, _, m = stats.dims
     lambdas = torch.zeros(0, dtype=torch.float64)
-    gain, first = 0.0, 0.0
+    gain = 0.0
     if method in ("tiny", "tiny_noproj"):
         N = tiny_matrix(ns.M1, ns.P, dW2T) if method == "tiny" else tiny_matrix(ns.M1)
         sol = tiny_solve(ns.S1, N, ns.M1, count, rel_eps=rel_eps, s0=s0, g2=ns.g2)
-        alpha, omega, lambdas, gain, first = sol.alpha, sol.omega, sol.lambdas, sol.gain, sol.first_order
+        alpha, omega, lambdas, gain = sol.alpha, sol.omega, sol.lambdas, sol.gain
     elif method == "gradmax":
         dirs, _ = gradmax_directions(ns.M1, count, rel_eps)
         omega = dirs * (gradmax_scale * _reference_norm(site, dirs.shape[0]))
@@ -139,12 +150,12 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
             omega = _he((count, m), (site.width + count) * kk, generator).to(dev)
             per = (alpha @ ns.M1 * omega).sum(1)  # alpha_k^T M1 omega_k
             omega = torch.where((per > 0).unsqueeze(1), -omega, omega)
-            first = s0 * float(-(per.abs()).sum())
+    per_neuron = s0 * (alpha @ ns.M1.to(alpha) * omega).sum(1)  # s0 alpha_k^T M1 omega_k
     D = dW2T.T  # (m, d2)
     db2 = None
     if site.l2.bias is not None:
         db2, D = D[:, -1], D[:, :-1]
     wdev, wdt = site.l2.weight.device, site.l2.weight.dtype
     dw2 = D.reshape(site.l2.weight.shape).to(wdev, wdt)
-    return Proposal(method, to_neurons(site, alpha, omega), lambdas.to(wdev), gain, first, psi, d_w,
-                    dw2, None if db2 is None else db2.to(wdev, wdt))
+    return Proposal(method, to_neurons(site, alpha, omega), lambdas.to(wdev), gain, float(per_neuron.sum()), psi, d_w,
+                    dw2, None if db2 is None else db2.to(wdev, wdt), per_neuron)

@@ -4,8 +4,11 @@ Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig)
     growth_steps     the optimizer steps after which a growth event runs (dt may be fractional)
     target_widths    the width each site grows to
     pick_sites       all pending sites, the next one in turn, or the best gain per parameter
-    neuron_count     fixed, to_target (ceil of what is left over the remaining steps), or capped
-                     by the target and the parameter budget
+    requested_count  fixed, or to_target (ceil of what is left over the remaining steps), capped
+                     by the target
+    affordable       how many neurons growth.param_budget still allows at a site
+    neuron_count     requested_count capped by affordable
+    draw_sizes       the statistics and line-search draws, shrunk to fit a small training set
     planned_epochs   trainer.epochs for growth.extra_epochs: the epoch of the last planned
                      to_target event, plus extra_epochs
 """
@@ -72,18 +75,43 @@ def pick_sites(mode: str, pending: list[str], order: list[str], turn: int,
     raise ValueError(f"growth.sites={mode}")
 
 
+def requested_count(cfg, width: int, start: int, target: int) -> int:
+    """How many neurons the schedule asks for at one site: fixed count (also the cap of
+    adaptive), or the share of (target - start) for one of `steps` steps; never past the target."""
+    k = math.ceil((target - start) / cfg.steps) if cfg.neurons == "to_target" else cfg.count
+    return max(0, min(k, target - width))
+
+
+def affordable(cfg, params: int, params_per_neuron: int) -> int | None:
+    """Neurons of params_per_neuron parameters that growth.param_budget still allows on top of
+    `params` (None: no budget)."""
+    if not cfg.param_budget:
+        return None
+    return max(0, (cfg.param_budget - params) // max(1, params_per_neuron))
+
+
 def neuron_count(cfg, width: int, start: int, target: int, params: int, params_per_neuron: int) -> int:
-    """How many neurons to ask for at one site: fixed count, or the share of (target - start)
-    for one of `steps` steps; never past the target, nor past growth.param_budget."""
-    left = target - width
-    if cfg.neurons == "to_target":
-        k = math.ceil((target - start) / cfg.steps)
-    else:  # fixed, and the cap of adaptive
-        k = cfg.count
-    k = max(0, min(k, left))
-    if cfg.param_budget:
-        k = min(k, max(0, (cfg.param_budget - params) // max(1, params_per_neuron)))
-    return k
+    """requested_count, never past growth.param_budget."""
+    k = requested_count(cfg, width, start, target)
+    cap = affordable(cfg, params, params_per_neuron)
+    return k if cap is None else min(k, cap)
+
+
+MIN_DRAW = 2  # images per draw: BatchNorm in training mode needs 2 values per channel
+
+
+def draw_sizes(n_train: int, samples: int, search: int) -> tuple[int, int]:
+    """(statistics samples, line-search images) of a growth event: as configured when both fit
+    into the n_train training images (the draws are disjoint); otherwise both shrunk in
+    proportion to what was asked, each at least MIN_DRAW, together every image."""
+    if samples + search <= n_train:
+        return samples, search
+    if n_train < 2 * MIN_DRAW:
+        raise GrowrunError(f"growth needs at least {2 * MIN_DRAW} training images ({MIN_DRAW} for growth.samples, "
+                           f"{MIN_DRAW} for growth.line_search.batch_size); the training set has {n_train}")
+    n_search = round(n_train * search / (samples + search))
+    n_search = min(n_train - MIN_DRAW, max(MIN_DRAW, n_search))
+    return n_train - n_search, n_search
 
 
 def planned_events(cfg, start: dict[str, int], targets: dict[str, int]) -> int:

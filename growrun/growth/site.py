@@ -101,6 +101,10 @@ class Neurons:
     def count(self) -> int:
         return self.w1.shape[0]
 
+    def take(self, k: int) -> "Neurons":
+        """The first k neurons."""
+        return Neurons(self.w1[:k], None if self.b1 is None else self.b1[:k], self.w2[:, :k])
+
     def scaled(self, gamma: float) -> "Neurons":
         b1 = None if self.b1 is None else gamma * self.b1
         return Neurons(gamma * self.w1, b1, gamma * self.w2)

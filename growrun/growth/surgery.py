@@ -14,6 +14,8 @@ insert_neurons  appends K neurons: rows of W1 (+ bias), BatchNorm channels, and 
 candidate       makes the model compute what it would compute after insert_neurons at amplitude
                 gamma, with forward hooks only (no module is rebuilt), for the line search.
 new_channel_moments  the mean and variance of the new pre-activations z = L1op(x; w1, b1).
+apply_weight_update  L2 += scale * dW2* (the best update of the existing weights).
+fit_to_site     zero-pads neurons computed before a neighbouring site grew.
 """
 from __future__ import annotations
 
@@ -141,10 +143,27 @@ def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: 
 
 @torch.no_grad()
 def apply_weight_update(site: Site, dw2: torch.Tensor, db2: torch.Tensor | None, scale: float) -> None:
-    """L2.weight += scale * dw2 (and L2.bias += scale * db2), in place."""
-    site.l2.weight.add_(dw2.to(site.l2.weight), alpha=scale)
+    """L2.weight += scale * dw2 (and L2.bias += scale * db2), in place. dW2* was computed for
+    L2 before this event's insertions: it updates the leading block of dw2's shape (the existing
+    neurons' columns); columns (and rows) inserted since keep their values."""
+    weight = site.l2.weight
+    weight[tuple(slice(0, n) for n in dw2.shape)].add_(dw2.to(weight), alpha=scale)
     if db2 is not None and site.l2.bias is not None:
-        site.l2.bias.add_(db2.to(site.l2.bias), alpha=scale)
+        site.l2.bias[: db2.shape[0]].add_(db2.to(site.l2.bias), alpha=scale)
+
+
+def fit_to_site(site: Site, neurons: Neurons) -> Neurons:
+    """The neurons with zero fan-in entries for L1 inputs and zero fan-out rows for L2 outputs
+    that were added after they were computed (a neighbouring site grown earlier in the same
+    event: in an MLP, site fcI's L2 is site fcI+1's L1). The added units then neither feed the
+    new neurons nor receive from them; for unchanged layers the neurons are returned as is."""
+    w1, w2 = neurons.w1, neurons.w2
+    fan_in = site.l1.weight.shape[1]
+    if w1.shape[1] < fan_in:
+        w1 = torch.cat([w1, w1.new_zeros(w1.shape[0], fan_in - w1.shape[1], *w1.shape[2:])], 1)
+    if w2.shape[0] < site.out_width:
+        w2 = torch.cat([w2, w2.new_zeros(site.out_width - w2.shape[0], *w2.shape[1:])], 0)
+    return neurons if (w1 is neurons.w1 and w2 is neurons.w2) else Neurons(w1, neurons.b1, w2)
 
 
 class _Stop(Exception):

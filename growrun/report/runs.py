@@ -165,10 +165,13 @@ def _number(text: str) -> float | None:
     return None if math.isnan(value) else value
 
 
+GROWTH_TEXT_COLUMNS = ("site", "method", "reason", "lambdas_top")  # the other growth.csv columns are numbers
+
+
 def _growth_row(row: dict[str, str]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, text in row.items():
-        if key in ("site", "method", "lambdas_top"):
+        if key in GROWTH_TEXT_COLUMNS:
             out[key] = text
         else:
             out[key] = _number(text)

@@ -75,7 +75,7 @@ class _Session:
         steps = _steps_per_epoch(len(self.data.train.labels), t.batch_size)
         _plan_epochs(cfg, self.data, steps)
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs)
-        growth = _make_growth(cfg, run_dir, self.model, steps)
+        growth = _make_growth(cfg, run_dir, self.model, steps, self.data)
         self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth)
         self.site_names = list(self.model.sites())
         self.metrics = CsvLog(run_dir / "metrics.csv", self._metric_columns())
@@ -193,9 +193,9 @@ def planned_widths(cfg: DictConfig, num_classes: int, input_shape) -> tuple[dict
     return start, targets
 
 
-def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int):
+def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int, data):
     if cfg.growth.method == "none":
         return None
     from growrun.growth.controller import GrowthController
 
-    return GrowthController(cfg, run_dir, model, steps_per_epoch)
+    return GrowthController(cfg, run_dir, model, steps_per_epoch, len(data.train.labels))
