@@ -252,3 +252,28 @@ def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     assert read(cut / "growth.csv") == read(full / "growth.csv")
     ckpt = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["arch"] == torch.load(full / "checkpoints" / "last.pt", weights_only=False)["arch"]
+
+
+@pytest.mark.parametrize("normalize", ["none", "fan_in"])
+def test_growth_log_has_the_new_neurons_scale(tmp_path, normalize):
+    """growth.csv logs the mean fan-in / fan-out norms of the inserted neurons and of the site's
+    existing ones; growth.normalize=fan_in inserts fan-ins at exactly the existing mean norm
+    (sqrt(2) into a width-0 site) without changing what the line search measured."""
+    run_module.run(compose_cfg(f"growth.normalize={normalize}", "model.site_widths=[0,1,2,2,4,4,8,8]"), tmp_path)
+    rows = [r for r in read(tmp_path / "growth.csv") if int(r["added"])]
+    assert rows
+    for r in rows:
+        fin, fout = float(r["fanin_norm"]), float(r["fanout_norm"])
+        assert fin > 0 and fout > 0
+        grew_from = int(r["width_after"]) - int(r["added"])
+        if grew_from == 0:
+            assert r["fanin_ref"] in ("", "nan") and r["fanout_ref"] in ("", "nan")
+        else:
+            assert float(r["fanin_ref"]) > 0 and float(r["fanout_ref"]) > 0
+        if normalize == "fan_in":
+            ref = math.sqrt(2.0) if grew_from == 0 else float(r["fanin_ref"])
+            assert fin == pytest.approx(ref, rel=1e-5)
+        assert float(r["loss_after"]) == pytest.approx(float(r["loss_candidate"]), rel=1e-4)
+    if normalize == "none":  # TINY's solved fan-ins are not at the layer's scale by themselves
+        assert any(abs(float(r["fanin_norm"]) / float(r["fanin_ref"]) - 1) > 0.1 for r in rows
+                   if r["fanin_ref"] not in ("", "nan"))

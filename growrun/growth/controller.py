@@ -37,6 +37,7 @@ from growrun.growth import policy
 from growrun.growth.adaptive import adaptive_count
 from growrun.growth.linesearch import SearchResult, line_search
 from growrun.growth.neurons import Proposal, propose
+from growrun.growth.scale import existing_norms, neuron_norms, rebalance, rebalance_factors
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_neurons, new_channel_moments
@@ -50,6 +51,7 @@ COLUMNS = [
     "event", "epoch", "step", "site", "method", "requested", "added", "reason", "width_after", "params_after",
     "psi", "d_w", "lambdas_top", "bottleneck_gain", "first_order", "gamma", "predicted_gain",
     "loss_before", "loss_candidate", "loss_after", "measured_gain",
+    "fanin_norm", "fanin_ref", "fanout_norm", "fanout_ref",
     "stats_seconds", "solve_seconds", "search_seconds",
 ]
 
@@ -179,8 +181,10 @@ class GrowthController:
         found = self._search(model, site, proposal, neurons, moments, search_batch)
         added = neurons.count if found.gamma > 0 else 0
         trail.append(("no_gain", added))
+        width, (fanin_ref, fanout_ref) = site.width, existing_norms(site)
         if added:
             self._insert(site, proposal, neurons, moments, found.gamma, trainer.optimizer)
+        fanin, fanout = neuron_norms(site.l1.weight[width:], site.l2.weight[:, width:])
         search_seconds = time.time() - t0
         loss_after = _measure(model, search_batch, self._loss_fn("mean"))
         return {
@@ -192,7 +196,8 @@ class GrowthController:
             "bottleneck_gain": proposal.bottleneck_gain, "first_order": self._slope(proposal), "gamma": found.gamma,
             "predicted_gain": -found.predicted, "loss_before": found.loss_before,
             "loss_candidate": found.loss_at_gamma, "loss_after": loss_after,
-            "measured_gain": found.loss_before - loss_after, "search_seconds": search_seconds,
+            "measured_gain": found.loss_before - loss_after, "fanin_norm": fanin, "fanin_ref": fanin_ref,
+            "fanout_norm": fanout, "fanout_ref": fanout_ref, "search_seconds": search_seconds,
         }
 
     def _slope(self, proposal: Proposal) -> float:
@@ -211,12 +216,20 @@ class GrowthController:
 
     def _insert(self, site, proposal: Proposal, neurons, moments, gamma: float, optimizer) -> None:
         """What the line search evaluated at gamma: L2 += gamma^2 dW2* on the existing columns
-        (growth.apply_dw), then the neurons at amplitude gamma (moments gamma m, gamma^2 v)."""
+        (growth.apply_dw), then the neurons at amplitude gamma (moments gamma m, gamma^2 v);
+        growth.normalize=fan_in rebalances them first (fan-in c_k times, fan-out 1 / c_k, moments
+        c_k m, c_k^2 v: the same function, growrun.growth.scale)."""
         if self.g.apply_dw:
             apply_weight_update(site, proposal.dw2, proposal.db2, gamma * gamma)
+        neurons = neurons.scaled(gamma)
+        c = rebalance_factors(site, neurons.w1) if self.g.normalize == "fan_in" else None
+        if c is not None:
+            neurons = rebalance(neurons, c)
         mean, var = moments if moments is not None else (None, None)
-        insert_neurons(site, neurons.scaled(gamma), None if mean is None else gamma * mean,
-                       None if var is None else gamma * gamma * var, optimizer, self.g.bn_init)
+        if mean is not None:
+            scale = gamma if c is None else gamma * c.to(mean)
+            mean, var = scale * mean, scale * scale * var
+        insert_neurons(site, neurons, mean, var, optimizer, self.g.bn_init)
 
     @staticmethod
     def _update_fn(site, proposal: Proposal):
