@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -121,10 +122,12 @@ def read_csv(path: Path) -> list[dict]:
 
 def expected_stats(run_dirs: list[Path]) -> dict[str, tuple[float, float | None]]:
     """Mean and sample std of each reported quantity, computed straight from the runs' CSVs."""
-    per_run = {k: [] for k in ("final", "best", "params", "flops", "wall", "share")}
+    per_run = {k: [] for k in ("final", "best", "end", "params", "flops", "wall", "share")}
     for d in run_dirs:
         rows = read_csv(d / "metrics.csv")
         total = float(rows[-1]["total_seconds"])
+        last_event = max(float(r["epoch"]) for r in read_csv(d / "growth.csv") if int(r["added"]))
+        per_run["end"].append(next(float(r["test_acc"]) for r in rows if int(r["epoch"]) >= math.ceil(last_event)))
         per_run["final"].append(float(rows[-1]["test_acc"]))
         per_run["best"].append(max(float(r["test_acc"]) for r in rows))
         per_run["params"].append(float(rows[-1]["params"]))
@@ -165,7 +168,8 @@ def test_table_means_and_stds_match_the_csvs(sweep, capsys):
     for method, run_dirs in dirs.items():
         exp, row = expected_stats(run_dirs), rows[method]
         assert row["n"] == "3" and row["seeds"] == "0;1;2" and row["runs"] == ";".join(d.name for d in run_dirs)
-        for name, col in [("final", "final_test_acc"), ("best", "best_test_acc"), ("params", "params"),
+        for name, col in [("final", "final_test_acc"), ("best", "best_test_acc"), ("end", "growth_end_acc"),
+                          ("params", "params"),
                           ("flops", "flops_per_image"), ("wall", "wall_seconds"), ("share", "growth_share")]:
             assert float(row[f"{col}_mean"]) == pytest.approx(exp[name][0], rel=1e-12), col
             assert float(row[f"{col}_std"]) == pytest.approx(exp[name][1], rel=1e-12), col

@@ -17,6 +17,7 @@ DASH = "—"
 COLUMNS = [  # (metric, markdown header, formatter of one number)
     ("final_test_acc", "final test acc (%)", lambda v: f"{100 * v:.2f}"),
     ("best_test_acc", "best test acc (%)", lambda v: f"{100 * v:.2f}"),
+    ("growth_end_acc", "test acc at growth end (%)", lambda v: f"{100 * v:.2f}"),
     ("params", "params", lambda v: si(v)),
     ("flops_per_image", "FLOPs / image", lambda v: si(v)),
     ("wall_seconds", "wall time (s)", lambda v: f"{v:.1f}"),

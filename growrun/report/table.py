@@ -11,6 +11,8 @@ growth.method=none (a fixed network: its growth settings do nothing).
 Per group and metric: n, mean and sample standard deviation (ddof = 1; None when n = 1) of
     final_test_acc   test_acc of the last metrics.csv row (fraction 0..1)
     best_test_acc    max test_acc over the rows
+    growth_end_acc   test_acc at the end of the epoch of the last growth event that added
+                     neurons (growth.csv), i.e. before the extra epochs; none without growth
     params           params of the last row
     flops_per_image  flops_per_image of the last row
     wall_seconds     total_seconds of the last row
@@ -20,6 +22,7 @@ Per group and metric: n, mean and sample standard deviation (ddof = 1; None when
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -30,7 +33,7 @@ IGNORED_KEYS = {"seed", "resume", "dataset.root", "dataset.download", "dataset.v
 IGNORED_PREFIXES = ("hydra.", "hydra/")
 DEFAULT = "(default)"
 NOT_APPLICABLE = "n/a"
-METRICS = ["final_test_acc", "best_test_acc", "params", "flops_per_image", "wall_seconds", "growth_share"]
+METRICS = ["final_test_acc", "best_test_acc", "growth_end_acc", "params", "flops_per_image", "wall_seconds", "growth_share"]
 
 
 @dataclass
@@ -146,8 +149,17 @@ def run_values(run: Run) -> dict[str, float | None]:
     growth = growth_seconds(run)
     share = growth / total if (growth is not None and total) else None
     return {"final_test_acc": last.get("test_acc"), "best_test_acc": max(accs) if accs else None,
-            "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
+            "growth_end_acc": growth_end_acc(run), "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
             "wall_seconds": total, "growth_share": share}
+
+
+def growth_end_acc(run: Run) -> float | None:
+    """test_acc of the first evaluated epoch at or after the last growth event with added > 0."""
+    epochs = [row["epoch"] for row in run.growth or () if row.get("added") and row.get("epoch") is not None]
+    if not epochs:
+        return None
+    end = math.ceil(max(epochs) - 1e-9)
+    return next((r["test_acc"] for r in run.metrics if r["epoch"] >= end and r.get("test_acc") is not None), None)
 
 
 def growth_seconds(run: Run) -> float | None:
