@@ -1,5 +1,5 @@
 """Every growth option end to end: a pairwise (all-pairs) selection of model kind x growth
-method x growth.neurons x growth.sites x apply_dw x bn_init x dt x param_budget x extra_epochs
+method x growth.neurons x growth.sites x apply_dw x bn_init x normalize x dt x param_budget x extra_epochs
 x rel_eps, each run through the CLI entry point (growrun.cli.main, in process) on tiny
 synthetic data (64 images: the default growth draws of 1024 + 512 images shrink to fit) for a
 few growth events. Every run must complete and log consistent rows: widths that add up in
@@ -68,6 +68,7 @@ FACTORS = {
     "growth.sites": ["all", "round_robin", "best_gain"],
     "growth.apply_dw": [False, True],
     "growth.bn_init": ["unit", "identity"],
+    "growth.normalize": ["none", "fan_in"],
     "growth.dt": [1.0, 0.5],
     "growth.param_budget": ["none", "half"],
     "growth.extra_epochs": [None, 1],
@@ -103,7 +104,7 @@ def overrides(combo: dict) -> list[str]:
            f"growth={combo['growth']}", "growth.first_epoch=1", "growth.steps=2", "growth.count=2",
            "growth.noise_sigmas=0",  # adaptive: keep every neuron with a positive held-out gain
            f"growth.target_widths=[{','.join(map(str, spec.target))}]"]
-    for key in ("growth.neurons", "growth.sites", "growth.bn_init", "growth.dt", "growth.rel_eps"):
+    for key in ("growth.neurons", "growth.sites", "growth.bn_init", "growth.normalize", "growth.dt", "growth.rel_eps"):
         out.append(f"{key}={combo[key]}")
     out.append(f"growth.apply_dw={str(combo['growth.apply_dw']).lower()}")
     if combo["growth.param_budget"] == "half":
