@@ -111,9 +111,9 @@ class GrowthConfig:
     apply_dw: bool = False  # also apply the best update dW2* of the existing L2 weights
     conv_fanout: str = choices("center", "center", "full")
     bn_init: str = choices("unit", "unit", "identity")  # new BN channels: weight 1 (fan-out rescaled) | identity
-    # new neurons' fan-in at insertion: as solved and line-searched | rebalanced to the mean norm
-    # of the layer's existing fan-ins, fan-out inversely (the same function; growth/scale.py)
-    normalize: str = choices("none", "none", "fan_in")
+    # new neurons' fan-in at insertion: rebalanced to the mean norm of the layer's existing
+    # fan-ins, fan-out inversely (the same function; growth/scale.py) | as solved and searched
+    normalize: str = choices("fan_in", "fan_in", "none")
     gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm
     noise_sigmas: float = bounded(2.0, 0.0)  # adaptive: keep lambda_k^2 above this many noise SDs
     rel_eps: float = bounded(1e-7, 0.0, 1.0, lo_open=True)  # relative eigenvalue threshold
