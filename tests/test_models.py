@@ -97,13 +97,14 @@ def test_width_zero_block_is_its_shortcut():
 
 @pytest.mark.parametrize("cin", [1, 2, 5, 7, 8])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_strided_1x1_conv_rewrite_is_the_same_convolution(cin, fmt):
+@pytest.mark.parametrize("padding", [0, "valid"])
+def test_strided_1x1_conv_rewrite_is_the_same_convolution(cin, fmt, padding):
     """growrun's Conv2d computes 1x1 stride-2 convs with 2-7 input channels on the subsampled
     input (a oneDNN crash guard): outputs and gradients equal torch's own convolution."""
     from growrun.models.layers import Conv2d
 
     torch.manual_seed(cin)
-    conv = Conv2d(cin, 6, 1, stride=2, bias=True).double()
+    conv = Conv2d(cin, 6, 1, stride=2, padding=padding, bias=True).double()
     x = torch.randn(4, cin, 9, 10, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     conv.to(memory_format=fmt)
     out = conv(x)

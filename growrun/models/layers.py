@@ -31,13 +31,16 @@ class Linear(nn.Linear):
 UNSAFE_CHANNELS = range(2, 8)  # measured crash range of the oneDNN defect above (8: block width)
 
 
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
     """F.conv2d (groups 1, dilation 1) that never runs the crashing oneDNN kernel (module doc)."""
-    stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
-    padding = tuple(padding) if isinstance(padding, (tuple, list)) else (padding, padding)
-    if (weight.shape[-2:] == (1, 1) and stride != (1, 1) and padding == (0, 0)
+    s, p = _pair(stride), _pair(padding)  # padding may also be a string ("same", "valid")
+    if (weight.shape[-2:] == (1, 1) and s != (1, 1) and p in ((0, 0), ("valid", "valid"))
             and weight.shape[1] in UNSAFE_CHANNELS and x.device.type == "cpu"):
-        return F.conv2d(x[..., :: stride[0], :: stride[1]], weight, bias)
+        return F.conv2d(x[..., :: s[0], :: s[1]], weight, bias)
     return F.conv2d(x, weight, bias, stride, padding)
 
 
