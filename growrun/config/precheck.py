@@ -4,6 +4,9 @@ Hydra reports composition errors over several lines; growrun promises one line t
 bad key and what is allowed, with nothing written. `precheck` composes the config the same way
 `growrun train` will (same search path, same overrides) and, for a sweep, composes once per
 swept value, so a bad value anywhere in `-m seed=0,1 optim.lr=0.1,-1` is caught up front.
+Each composed config is also checked for a growth that could never add a neuron
+(growrun.config.growable), and the run (sweep) directory for being writable and not another
+run's (growrun.config.rundir).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from growrun.config.validate import validate
+from growrun.config.growable import check_growth
+from growrun.config.rundir import check_output_dir
+from growrun.config.validate import unknown_key_message, validate
 from growrun.errors import GrowrunError
 
 CONFIG_MODULE = "pkg://growrun.configs"
@@ -53,10 +58,13 @@ def precheck(args: argparse.Namespace) -> None:
         sweeps = [o for o in parsed if o.is_sweep_override()]
         if sweeps and not args.multirun:
             raise GrowrunError(f"{sweeps[0].input_line}: sweeps several values; add -m (multirun) to run them all")
-        for overrides in _variants(parsed):
+        for i, overrides in enumerate(_variants(parsed)):
             cfg = hydra.compose_config(args.config_name or CONFIG_NAME, overrides, RunMode.RUN,
                                        validate_sweep_overrides=False)
             validate(cfg)
+            check_growth(cfg)
+            if i == 0 and not args.cfg:  # --cfg prints the config and writes nothing
+                check_output_dir(cfg, bool(args.multirun))
     except GrowrunError:
         raise
     except OverrideParseException as ex:
@@ -122,8 +130,7 @@ def _composition_message(ex: BaseException) -> str:
     if "is not a ListConfig" in msg:
         return f"{key}: must be a list, e.g. {key}=[1,2]"
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
-        bad = override.group(1) if override else key
-        return f"{bad}: no such config key (see `growrun train --cfg job` for the keys)"
+        return unknown_key_message(override.group(1) if override else key)
     if key:
         return f"{key}: {msg}"
     return msg

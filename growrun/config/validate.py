@@ -6,6 +6,7 @@ Each failure is a one-line GrowrunError naming the key, the bad value and what i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +16,9 @@ from growrun.errors import GrowrunError
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise GrowrunError for the first value outside its declared choices or range."""
+    """Raise GrowrunError for the first key the schema does not declare, then for the first
+    value outside its declared choices or range."""
+    _check_keys(TrainConfig, cfg, "")
     _check(TrainConfig, cfg, "")
     g = cfg.growth
     if g.extra_epochs is not None and (g.method == "none" or g.neurons != "to_target"):
@@ -47,6 +50,44 @@ def _check(schema: type, node: Any, prefix: str) -> None:
         bounds = f.metadata.get("range")
         if bounds and not _in_range(value, bounds):
             raise GrowrunError(f"{key}={value}: out of range; must be {_describe(bounds)}")
+
+
+def unknown_key_message(key: str) -> str:
+    """The one-line error for a key the schema does not declare, with the closest key of the
+    same group when there is one."""
+    parent, _, name = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in schema_keys() if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    return f"{key}: no such config key{hint} (see `growrun train --cfg job` for the keys)"
+
+
+def schema_keys(schema: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every key of the schema, dotted (groups included: growth, growth.line_search, ...)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        sub = _nested_schema(f)
+        if sub is not None:
+            keys += schema_keys(sub, f"{prefix}{f.name}.")
+    return keys
+
+
+def _check_keys(schema: type, node: Any, prefix: str) -> None:
+    """Keys the schema does not declare: `+trainer.epoch=5` adds one (Hydra allows `+` even on
+    a typed config) and the run would ignore it silently. The top-level `hydra` node (present
+    while growrun.config.precheck composes) is Hydra's own."""
+    if not isinstance(node, DictConfig):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            if prefix == "" and key == "hydra":
+                continue
+            raise GrowrunError(unknown_key_message(f"{prefix}{key}"))
+        sub = _nested_schema(fields[key])
+        if sub is not None:
+            _check_keys(sub, OmegaConf.select(node, key), f"{prefix}{key}.")
 
 
 def _show(value: Any) -> str:

@@ -1,6 +1,7 @@
 """Datasets held on the training device, and the batch loader that trains from them.
 
     data = load_data(cfg.dataset, device, seed)       # DataBundle: train / val / test Splits
+    shape = planned_shape(cfg.dataset)                 # classes, image shape, training images; no I/O
     loader = BatchLoader(data.train, 128, mean=data.mean, std=data.std, shuffle=True,
                          augment=True, drop_last=True, seed=seed)
     for x, y in loader.epoch(epoch): ...               # float32 normalised images, int64 labels
@@ -20,7 +21,7 @@ from growrun.data.loader import BatchLoader, Split, derive_seed
 from growrun.data.synthetic import channel_stats, make_synthetic
 from growrun.errors import GrowrunError
 
-__all__ = ["BatchLoader", "DataBundle", "Split", "load_data"]
+__all__ = ["BatchLoader", "DataBundle", "DataShape", "Split", "load_data", "planned_shape"]
 
 _VAL_STREAM, _TEST_STREAM = 0x76616C, 0x74657374  # seed streams of the hold-out and test subset
 
@@ -35,6 +36,30 @@ class DataBundle:
     mean: tuple[float, ...]  # per channel, of images scaled to [0, 1]
     std: tuple[float, ...]
     input_shape: tuple[int, int, int]  # (C, H, W)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    train_images: int | None  # after dataset.val_size / train_subset; None: those are out of range
+
+
+def planned_shape(cfg) -> DataShape:
+    """What load_data(cfg) will return, from the config alone (nothing is read): the official
+    sizes for CIFAR, the configured ones for synthetic data. A local CIFAR copy with other
+    sizes (dataset.verify=false) may hold another number of training images."""
+    if cfg.name in SPECS:
+        spec = SPECS[cfg.name]
+        num_classes, shape, n = spec.num_classes, (3, 32, 32), spec.train_count
+    elif cfg.name == "synthetic":
+        size = int(cfg.image_size)
+        num_classes, shape, n = int(cfg.num_classes), (3, size, size), int(cfg.train_size)
+    else:
+        raise GrowrunError(f"dataset.name={cfg.name!r}: unknown; allowed: {', '.join([*SPECS, 'synthetic'])}")
+    left = n - int(cfg.val_size)
+    fits = 0 <= int(cfg.val_size) < n and 0 <= int(cfg.train_subset) <= left
+    return DataShape(num_classes, shape, (int(cfg.train_subset) or left) if fits else None)
 
 
 def load_data(cfg, device: torch.device, seed: int) -> DataBundle:

@@ -7,6 +7,9 @@
 pickles; loading with encoding='bytes' reads them (bytes keys) as well as Python 3 pickles (str
 keys), and keeps the pixel buffer as bytes (no latin-1 round trip). Missing files are fetched
 with torchvision when asked; the official md5 sums are checked unless dataset.verify=false.
+Unpickling may only build numpy arrays (_CifarUnpickler): a file that names any other callable
+is refused, so a tampered data file cannot run code (with dataset.verify=false, nothing else
+would stop it).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class CifarSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     md5: dict  # file name -> official md5 (the same sums as torchvision.datasets.CIFAR10/100)
+    train_count: int = 50000  # images in the official training files
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -123,11 +127,24 @@ def _check_md5(spec: CifarSpec, path: Path) -> None:
                            f"for a re-encoded local copy")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the globals a CIFAR batch needs (numpy arrays)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR batch holds only numpy arrays, "
+                                         f"lists and strings")
+        return super().find_class(module, name)
+
+
 def _read_batch(spec: CifarSpec, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickled batch file -> uint8 (N, 3, 32, 32) and int64 (N,) tensors."""
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
+            raw = _CifarUnpickler(f, encoding="bytes").load()
         d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
         data = np.ascontiguousarray(np.asarray(d["data"], dtype=np.uint8))
         if not data.flags.writeable:  # torch.from_numpy wants a writable buffer

@@ -11,6 +11,8 @@ Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig)
     draw_sizes       the statistics and line-search draws, shrunk to fit a small training set
     planned_epochs   trainer.epochs for growth.extra_epochs: the epoch of the last planned
                      to_target event, plus extra_epochs
+    growth_blocker   why a configuration can never grow (no event, no site below its target, no
+                     neuron within the budget), as a one-line message naming the keys to change
 """
 from __future__ import annotations
 
@@ -131,3 +133,52 @@ def planned_epochs(cfg, events: int, steps_per_epoch: int) -> int:
         return cfg.extra_epochs
     last_step = next(itertools.islice(_event_steps(cfg, steps_per_epoch), events - 1, None))
     return math.ceil(last_step / steps_per_epoch) + cfg.extra_epochs
+
+
+def growth_blocker(cfg, epochs: int, steps_per_epoch: int | None, start: dict[str, int],
+                   targets: dict[str, int], params: int, params_per_neuron: dict[str, int]) -> str | None:
+    """Why growth (cfg: the growth config) can add no neuron at all in a run of `epochs` epochs
+    of `steps_per_epoch` steps (None: unknown, the schedule is not checked), from the `start`
+    widths (a model of `params` parameters) to the `targets` (target_widths, growth.only
+    applied), or None when some site can grow. The reason is one line naming the keys to
+    change; growth.method=none never has one."""
+    if cfg.method == "none":
+        return None
+    if steps_per_epoch is not None and not growth_steps(cfg, steps_per_epoch, epochs):
+        return _no_event(cfg, epochs, steps_per_epoch)
+    below = [n for n in start if targets[n] > start[n]]
+    if not below:
+        return _no_room(cfg, start, targets)
+    cheapest = min(params_per_neuron[n] for n in below)
+    if affordable(cfg, params, cheapest) == 0:
+        return (f"growth.param_budget={cfg.param_budget}: the starting model already has {params} parameters and "
+                f"a neuron needs {cheapest} more, so no site can grow; must be at least {params + cheapest} "
+                f"(or 0: no budget)")
+    return None
+
+
+def _no_event(cfg, epochs: int, steps_per_epoch: int) -> str:
+    """The blocker when growth_steps is empty (an event follows a step and precedes another)."""
+    end = epochs * steps_per_epoch
+    if end < 2:
+        return (f"trainer.epochs={epochs}: {end} training step(s) of {steps_per_epoch} per epoch, growth needs at "
+                f"least 2 (an event comes after a step and before the next); must be larger (or use growth=none)")
+    if cfg.last_epoch is not None and cfg.last_epoch < cfg.first_epoch:
+        return (f"growth.last_epoch={cfg.last_epoch:g}: before growth.first_epoch={cfg.first_epoch:g}, so no growth "
+                f"event ever runs; must be >= growth.first_epoch (or null)")
+    return (f"growth.first_epoch={cfg.first_epoch:g}: no growth event within trainer.epochs={epochs} "
+            f"({steps_per_epoch} steps per epoch); must be at most {(end - 1) / steps_per_epoch:g}, or trainer.epochs "
+            f"larger (or use growth=none)")
+
+
+def _no_room(cfg, start: dict[str, int], targets: dict[str, int]) -> str:
+    """The blocker when every site already starts at (or above) its target width."""
+    names = [n for n in start if cfg.only is None or n in cfg.only]
+    if not names:
+        return f"growth.only=[]: no site to grow; name sites of {', '.join(start)} (or null: all)"
+    where = "every site" if cfg.only is None else f"every site of growth.only={list(cfg.only)}"
+    target = "raise growth.target_widths" if cfg.target_widths is not None else \
+        f"raise growth.target_fraction (now {cfg.target_fraction:g}) or set growth.target_widths"
+    return (f"growth.method={cfg.method}: no site can grow, {where} starts at (or above) its target width "
+            f"(start {[start[n] for n in names]}, target {[targets[n] for n in names]}); set model.start_fraction "
+            f"(null: model.width) or model.site_widths below the target, or {target}, or use growth=none")
