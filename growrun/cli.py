@@ -8,10 +8,10 @@ User-facing failures print one line `growrun: error: ...` and exit with status 2
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
+from growrun.child import SignalForwarder, signal_exit
 from growrun.errors import GrowrunError
 
 USAGE = """usage: growrun COMMAND [ARGS]
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[command](rest)
     except GrowrunError as ex:
         return _fail(str(ex))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as ex:  # growrun.errors.Interrupted: a signal; the run wrote its checkpoint
         print("growrun: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(ex, "signum", 2)
 
 
 def _fail(message: str) -> int:
@@ -91,7 +91,9 @@ def _task(cfg) -> dict:
 
 
 def resume(rest: list[str]) -> int:
-    """Re-run a run's own overrides in its directory with resume=true (each run of a sweep)."""
+    """Re-run a run's own overrides in its directory with resume=true (each unfinished run of a
+    sweep), in a child process that SIGTERM / SIGINT / SIGHUP to this one reach
+    (growrun.child); a run stopped by a signal ends the resume with its non-zero status."""
     from omegaconf import OmegaConf
 
     from growrun.sweep import run_status, sweep_runs
@@ -102,17 +104,30 @@ def resume(rest: list[str]) -> int:
     runs = [target] if (target / ".hydra").is_dir() else sweep_runs(target)
     if not runs:
         raise GrowrunError(f"{target}: not a growrun run or sweep directory (no .hydra/ inside)")
-    failed = 0
-    for run_dir in runs:
-        if run_status(run_dir) == "completed" and len(runs) > 1:
-            continue
-        overrides = [o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-                     if not o.startswith(("resume=", "hydra.run.dir="))]
-        command = [sys.executable, "-m", "growrun", "train", *overrides, *extra,
-                   "resume=true", f"hydra.run.dir={run_dir}"]
-        print(f"growrun: resuming {run_dir}", file=sys.stderr)
-        failed += subprocess.call(command) != 0
-    return 1 if failed else 0
+    todo = [r for r in runs if len(runs) == 1 or run_status(r) != "completed"]
+    statuses = []
+    with SignalForwarder() as signals:
+        for i, run_dir in enumerate(todo):
+            overrides = [o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+                         if not o.startswith(("resume=", "hydra.run.dir="))]
+            command = [sys.executable, "-m", "growrun", "train", *overrides, *extra,
+                       "resume=true", f"hydra.run.dir={run_dir}"]
+            print(f"growrun: resuming {run_dir}", file=sys.stderr)
+            statuses.append(signals.run(command))
+            if signals.received or signal_exit(statuses[-1]):
+                return _interrupted(run_dir, statuses[-1], signals.received, len(todo) - i - 1)
+    return next((code for code in statuses if code), 0)
+
+
+def _interrupted(run_dir: Path, status: int, received: list[int], left: int) -> int:
+    """A resumed run stopped by a signal: say so, resume nothing more; a non-zero status (the
+    child's, else 128 + the signal)."""
+    import signal
+
+    signum = received[0] if received else status - 128
+    untouched = f"; {left} more run(s) of the sweep not resumed" if left else ""
+    print(f"growrun: {run_dir} interrupted by {signal.Signals(signum).name}{untouched}", file=sys.stderr)
+    return status or 128 + signum
 
 
 def report(rest: list[str]) -> int:

@@ -8,3 +8,16 @@ a traceback and before anything half-written is left behind.
 
 class GrowrunError(Exception):
     """A failure the user can fix (bad config value, missing data, ...)."""
+
+
+class Diverged(GrowrunError):
+    """The training loss became NaN or infinite (summary status "diverged")."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM / SIGINT after writing its checkpoint (summary status
+    "interrupted"). A KeyboardInterrupt, so that it also ends a sweep; exit status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--rel-eps", type=float, default=None, help="relative eigenvalue threshold (default: the run's)")
     p.add_argument("--out", type=Path, default=Path("bench/gamma_profile.json"))
     args = p.parse_args()
-    ckpt = load_checkpoint(args.run_dir / "checkpoints" / "last.pt", torch.device("cpu"))
+    ckpt, _ = load_checkpoint(args.run_dir / "checkpoints" / "last.pt", torch.device("cpu"))
     cfg = OmegaConf.create(ckpt["config"])
     if args.rel_eps is not None:
         cfg.growth.rel_eps = args.rel_eps

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from growrun.data.fake import write_cifar10
+from growrun.train.outputs import load_checkpoint
 
 # A run small enough for a test: 256 synthetic images, a ResNet18 at 1/16 width.
 SMALL = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=128", "model=resnet18",
@@ -52,7 +53,7 @@ def test_train_writes_run_outputs(tmp_path):
     assert int(rows[1]["step"]) == 2 * (256 // 64)
     assert float(rows[1]["total_seconds"]) >= float(rows[0]["total_seconds"]) > 0
     assert all(0 <= float(r["test_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    ckpt, _ = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["arch"]["name"] == "resnet18" and ckpt["trainer"]["epoch"] == 2
     assert {"model", "trainer", "rng", "arch"} <= set(ckpt)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -20,6 +20,7 @@ from growrun.growth.site import Neurons, Site
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import candidate, insert_neurons
 from growrun.train import run as run_module
+from growrun.train.outputs import load_checkpoint
 from growrun.train.trainer import Trainer
 
 
@@ -237,10 +238,10 @@ def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     run_module.run(compose_cfg(), full)
     original = Trainer.train_epoch
 
-    def stop_in_epoch_3(self):
+    def stop_in_epoch_3(self, after_step=None):
         if self.epoch == 2:
             raise KeyboardInterrupt
-        return original(self)
+        return original(self, after_step)
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
@@ -250,8 +251,8 @@ def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     run_module.run(compose_cfg("resume=true"), cut)
     assert read(cut / "metrics.csv") == read(full / "metrics.csv")
     assert read(cut / "growth.csv") == read(full / "growth.csv")
-    ckpt = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)
-    assert ckpt["arch"] == torch.load(full / "checkpoints" / "last.pt", weights_only=False)["arch"]
+    ckpt, _ = load_checkpoint(cut / "checkpoints" / "last.pt")
+    assert ckpt["arch"] == load_checkpoint(full / "checkpoints" / "last.pt")[0]["arch"]
 
 
 @pytest.mark.parametrize("normalize", ["none", "fan_in"])

@@ -133,7 +133,9 @@ class TrainerConfig:
     # NHWC memory format for convs: auto = on for CPU and CUDA (1.27-1.64x faster in training on
     # an AMD EPYC, bench/memory_format.json), off elsewhere (MPS); true / false force it
     channels_last: Any = choices("auto", "auto", True, False)
-    checkpoint: bool = True  # write checkpoints/last.pt at the end of every epoch
+    checkpoint: bool = True  # write checkpoints/last.pt at the end of every epoch (and on SIGTERM/SIGINT)
+    checkpoint_every: int = bounded(0, 0)  # also every this many optimizer steps (0: off)
+    checkpoint_minutes: float = bounded(0.0, 0.0)  # also after this many minutes since the last one (0: off)
 
 
 @dataclass

@@ -96,12 +96,12 @@ class BatchLoader:
         """uint8 (B, C, H, W) -> float32 (x / 255 - mean) / std."""
         return torch.addcmul(self._shift, images.float(), self._scale)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of one epoch; depends on (seed, epoch) alone."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch from batch `start` on; depends on (seed, epoch) alone."""
         images, labels = self.split.images, self.split.labels
         n, bs = len(self.split), self.batch_size
         if not self.shuffle and not self.augment:  # evaluation: contiguous slices, no draws
-            for i in range(len(self)):
+            for i in range(start, len(self)):
                 sl = slice(i * bs, min((i + 1) * bs, n))
                 yield self.normalize(images[sl]), labels[sl]
             return
@@ -109,7 +109,7 @@ class BatchLoader:
         dev = images.device
         order = draws.order.to(dev)
         offsets, flips = draws.offsets.to(dev), draws.flips.to(dev)
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             sl = slice(i * bs, min((i + 1) * bs, n))
             idx = order[sl]
             x = images.index_select(0, idx)

@@ -16,7 +16,9 @@
 A site may get fewer neurons than the schedule requested, 0 included; the row's `reason` names
 the first stage that cut the count: "adaptive" (the adaptive rule kept fewer), "rank" (fewer
 directions above the solver's threshold), "budget" (growth.param_budget), "no_gain" (the line
-search found no gamma that lowers the loss); "" when all requested neurons were added.
+search found no gamma that lowers the loss), "nonfinite" / "degenerate" (the site's statistics
+hold NaN or inf / a zero gradient: that site is not grown at this event, training goes on);
+"" when all requested neurons were added.
 
 Function-preserving methods (gradmax, zero) skip the line search: gamma = 1, their fan-out
 scale is their own. Statistics and line search run in training mode (the mode training
@@ -24,6 +26,7 @@ continues in) without touching BatchNorm running statistics.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from growrun import faults
 from growrun.data.loader import derive_seed
 from growrun.growth import policy
 from growrun.growth.adaptive import adaptive_count
@@ -121,6 +125,7 @@ class GrowthController:
         stats = collect_statistics(model, [sites[n] for n in grow_now], stats_batches, self._loss_fn("sum"),
                                    conv_fanout=self.g.conv_fanout)
         stats_seconds = (time.time() - t0) / max(1, len(grow_now))
+        faults.reach("stats")
         proposals, trails, solve_seconds = {}, {}, {}
         for name in grow_now:
             t0 = time.time()
@@ -159,6 +164,12 @@ class GrowthController:
         g = self.g
         k = policy.requested_count(g, site.width, self.start[site.name], self.targets[site.name])
         trail = [("", k)]
+        unusable = _unusable(stats, g.method)
+        if unusable:
+            log.warning("growth %d: site %s not grown, its statistics are %s", self.event + 1, site.name,
+                        "not finite" if unusable == "nonfinite" else "degenerate (zero gradient)")
+            stats, k = _zeroed(stats), 0
+            trail.append((unusable, 0))
         if g.neurons == "adaptive" and k:
             k = adaptive_count(stats, projection=g.method != "tiny_noproj", noise_sigmas=g.noise_sigmas,
                                max_count=k, rel_eps=g.rel_eps)
@@ -179,6 +190,7 @@ class GrowthController:
         moments = new_channel_moments(model, site, neurons, [x for x, _ in stats_batches]) \
             if site.bn is not None and neurons.count else None
         found = self._search(model, site, proposal, neurons, moments, search_batch)
+        faults.reach("search")
         added = neurons.count if found.gamma > 0 else 0
         trail.append(("no_gain", added))
         width, (fanin_ref, fanout_ref) = site.width, existing_norms(site)
@@ -245,6 +257,21 @@ class GrowthController:
                 apply_weight_update(site, proposal.dw2, proposal.db2, scale)
 
         return update
+
+
+def _unusable(stats, method: str) -> str:
+    """Why a site's statistics cannot be used: "nonfinite" (NaN / inf anywhere), "degenerate"
+    (zero gradient energy g2: nothing for tiny / tiny_noproj / gradmax to fit), or "" if fine."""
+    if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
+        return "nonfinite"
+    fitted = method in ("tiny", "tiny_noproj", "gradmax")
+    return "degenerate" if fitted and float(stats.g2) <= 0 else ""
+
+
+def _zeroed(stats):
+    """The same statistics with every sum zeroed (a proposal of 0 neurons from them is empty)."""
+    return dataclasses.replace(stats, **{f: torch.zeros_like(getattr(stats, f))
+                                         for f in ("S1", "S2", "M1_folds", "M2_folds", "P_folds", "g2")})
 
 
 def _cut_reason(trail: list[tuple[str, int]]) -> str:

@@ -3,8 +3,17 @@
     <run dir>/.hydra/               the composed config (written by Hydra)
     <run dir>/metrics.csv           one row per epoch, flushed as soon as the epoch ends
     <run dir>/growth.csv            one row per site per growth event
-    <run dir>/checkpoints/last.pt   everything needed to continue (atomic replace)
+    <run dir>/checkpoints/last.pt   everything needed to continue
+    <run dir>/checkpoints/prev.pt   the checkpoint before it, kept until last.pt is complete
     <run dir>/summary.json          status and final numbers (atomic replace)
+    <run dir>/.lock                 held (flock) by the process training in the directory
+
+Every replaced file goes through a temporary file in the same directory: write, flush, fsync,
+rename, fsync of the directory, so a crash of the process or of the machine leaves either the
+old or the new file, never a torn one. A checkpoint is a dict {format, sha256, payload}: the
+payload is the torch.save bytes of the state, and its SHA-256 detects a file damaged after the
+write. Checkpoints hold tensors and plain containers only and are loaded with
+torch.load(weights_only=True): a file that would need anything else (pickled code) is refused.
 
 On resume, rows of the CSV files that come after the checkpoint are dropped, so the files
 always describe exactly the trajectory the checkpoint continues.
@@ -12,20 +21,68 @@ always describe exactly the trajectory the checkpoint continues.
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
+import io
 import json
+import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from growrun import faults
+from growrun.errors import GrowrunError
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
+log = logging.getLogger("growrun")
+FORMAT = "growrun-checkpoint-1"
+# errors of the disk rather than of growrun: turned into one line naming the file
+_DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EIO: "I/O error"}
+
+
+class CheckpointError(GrowrunError):
+    """A checkpoint that cannot be used (torn, damaged, or holding more than tensors)."""
+
+
+def disk_error(ex: OSError, path: Path) -> GrowrunError | None:
+    """The one-line error for an OSError of the disk while writing `path`, else None."""
+    what = _DISK_ERRORS.get(ex.errno)
+    return None if what is None else GrowrunError(f"writing {path}: {what}; free space or fix the "
+                                                  "directory, then `growrun resume` the run")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """Write through a temporary file in the same directory (flushed and fsynced), then rename
+    over `path` and fsync the directory. With `keep_previous`, the current `path` is first
+    renamed to it, so that one complete file exists at every moment. A disk error (full, read
+    only, ...) becomes a GrowrunError; the temporary file is removed and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        faults.reach(f"write:{path.name}")
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+            faults.reach("rotate")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as ex:
+        tmp.unlink(missing_ok=True)
+        raise (disk_error(ex, path) or ex) from None
 
 
 class CsvLog:
@@ -40,32 +97,104 @@ class CsvLog:
         if keep is not None and self.path.exists():
             with self.path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if keep(r)]
-        def write(tmp: Path) -> None:
-            with tmp.open("w", newline="") as f:
-                w = csv.DictWriter(f, self.columns, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
+
+        def write(f) -> None:
+            text = io.TextIOWrapper(f, newline="", encoding="utf-8")
+            w = csv.DictWriter(text, self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+            text.flush()
+            text.detach()
+
         atomic_write(self.path, write)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            for row in rows:
-                w.writerow({k: _fmt(v) for k, v in row.items()})
-            f.flush()
+        try:
+            with self.path.open("a", newline="") as f:
+                w = csv.DictWriter(f, self.columns, extrasaction="ignore")
+                for row in rows:
+                    w.writerow({k: _fmt(v) for k, v in row.items()})
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as ex:
+            raise (disk_error(ex, self.path) or ex) from None
 
 
 def _fmt(v: Any) -> Any:
     return f"{v:.8g}" if isinstance(v, float) else v
 
 
+def previous_path(path: Path) -> Path:
+    """checkpoints/last.pt -> checkpoints/prev.pt"""
+    return path.with_name("prev" + path.suffix)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write `state` (tensors and plain containers) as a checksummed checkpoint at `path`; the
+    checkpoint it replaces becomes previous_path(path)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    wrapped = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    atomic_write(path, lambda f: torch.save(wrapped, f), keep_previous=previous_path(path))
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """One checkpoint file, checked: CheckpointError (one line) when it is torn, damaged, not a
+    growrun checkpoint, or holds anything but tensors and plain containers."""
+    try:
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as ex:
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
+                              f"({_first_line(ex)}); loading it could run code") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as ex:
+        raise CheckpointError(f"{path}: unreadable or torn checkpoint ({_first_line(ex)})") from None
+    if not isinstance(wrapped, dict) or wrapped.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} file")
+    payload = wrapped["payload"]
+    if hashlib.sha256(payload).hexdigest() != wrapped["sha256"]:
+        raise CheckpointError(f"{path}: damaged checkpoint (SHA-256 mismatch)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as ex:
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
+                              f"({_first_line(ex)}); loading it could run code") from None
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, Path] | None:
+    """The newest usable checkpoint: `path`, or when it is missing, torn or damaged, the
+    previous one (with a warning naming why). None when neither exists. A checkpoint refused as
+    unsafe is an error, not a fallback."""
+    problems = []
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            if candidate == path and previous_path(path).exists():
+                problems.append(f"{path}: missing (the run stopped while replacing it)")
+            continue
+        try:
+            state = read_checkpoint(candidate, device)
+        except CheckpointError as ex:
+            if "refused" in str(ex):
+                raise
+            problems.append(str(ex))
+            continue
+        for problem in problems:
+            log.warning("%s; using the previous checkpoint %s", problem, candidate)
+        return state, candidate
+    if problems:
+        raise CheckpointError("; ".join(problems) + "; no usable checkpoint left to resume from")
+    return None
+
+
+def has_checkpoint(path: Path) -> bool:
+    return path.exists() or previous_path(path).exists()
+
+
+def _first_line(ex: BaseException) -> str:
+    text = str(ex).strip().splitlines()
+    return (text[0] if text else type(ex).__name__)[:160]
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))

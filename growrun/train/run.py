@@ -1,9 +1,16 @@
 """One run, start to finish: build everything from the config, train, write the outputs.
 
 Called by the CLI's Hydra task with the composed config and the run directory. Resuming
-(resume=true) rebuilds the model from the architecture stored in checkpoints/last.pt (grown
-widths included), restores optimizer, scheduler, growth and RNG states, and trims the CSV
-logs to the checkpoint, so the continued run is the uninterrupted one.
+(resume=true) rebuilds the model from the architecture stored in checkpoints/last.pt (or
+prev.pt when last.pt is torn; grown widths included), checks that the config is the one the
+checkpoint was trained with, restores optimizer, scheduler, growth, RNG states and the
+position inside the epoch, and trims the CSV logs to the checkpoint, so the continued run is
+the uninterrupted one, bit for bit on CPU.
+
+Checkpoints are written at the end of every epoch, every trainer.checkpoint_every steps or
+trainer.checkpoint_minutes, and when SIGTERM / SIGINT asks the run to stop. The directory is
+locked while a process trains in it. summary.json's status: completed | failed | diverged |
+interrupted (written however the run ends, except by SIGKILL).
 """
 from __future__ import annotations
 
@@ -11,15 +18,18 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from growrun.config.growable import check_growth
 from growrun.config.validate import validate
 from growrun.data import load_data
-from growrun.errors import GrowrunError
+from growrun.errors import Diverged, GrowrunError, Interrupted
 from growrun.models import build_model, count_flops, count_params, full_site_widths, initial_arch
 from growrun.train import runtime
 from growrun.train.optim import build_optimizer, build_scheduler
-from growrun.train.outputs import CsvLog, load_checkpoint, save_checkpoint, write_summary
+from growrun.train.outputs import CsvLog, disk_error, has_checkpoint, load_checkpoint, save_checkpoint, write_summary
+from growrun.train.safety import RunLock, StopSignals, check_resume_config
 from growrun.train.trainer import Trainer
 
 log = logging.getLogger("growrun")
@@ -29,20 +39,35 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
     run_dir = Path(run_dir)
-    if (run_dir / CHECKPOINT).exists() and not cfg.resume:
-        raise GrowrunError(f"{run_dir} already holds a checkpoint; add resume=true to continue it "
-                           "or choose another hydra.run.dir")
+    with RunLock(run_dir):
+        if has_checkpoint(run_dir / CHECKPOINT) and not cfg.resume:
+            raise GrowrunError(f"{run_dir} already holds a checkpoint; add resume=true to continue it "
+                               "or choose another hydra.run.dir")
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
     summary: dict = {"status": "running", "run_dir": str(run_dir)}
     session = None
     try:
         session = _Session(cfg, run_dir)
         summary = session.train()
         return summary
+    except Diverged as ex:
+        summary.update(status="diverged", error=str(ex))
+        raise
     except GrowrunError as ex:
         summary.update(status="failed", error=str(ex))
         raise
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", error="interrupted by the user")
+    except KeyboardInterrupt as ex:
+        reason = f"stopped by signal {ex.signum}" if isinstance(ex, Interrupted) else "interrupted by the user"
+        summary.update(status="interrupted", error=reason)
+        raise
+    except OSError as ex:
+        disk = disk_error(ex, Path(ex.filename or run_dir))
+        summary.update(status="failed", error=str(disk or f"{type(ex).__name__}: {ex}"))
+        if disk is not None:
+            raise disk from None
         raise
     except Exception as ex:
         summary.update(status="failed", error=f"{type(ex).__name__}: {ex}")
@@ -50,7 +75,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         if session is not None and summary.get("status") != "completed":
             summary.update(session.progress_summary())
-        write_summary(run_dir / "summary.json", summary)
+        try:
+            write_summary(run_dir / "summary.json", summary)
+        except GrowrunError as ex:  # e.g. the disk is full: the error being raised says more
+            log.error("%s", ex)
 
 
 class _Session:
@@ -63,8 +91,11 @@ class _Session:
         self.device = runtime.resolve_device(cfg.device)
         if t.precision == "bf16" and self.device.type != "cuda":
             raise GrowrunError(f"trainer.precision=bf16 needs a CUDA device; this run is on {self.device}")
-        ckpt_path = run_dir / CHECKPOINT
-        ckpt = load_checkpoint(ckpt_path, self.device) if cfg.resume and ckpt_path.exists() else None
+        loaded = load_checkpoint(run_dir / CHECKPOINT, self.device) if cfg.resume else None
+        ckpt = None
+        if loaded is not None:
+            ckpt, path = loaded
+            check_resume_config(ckpt["config"], OmegaConf.to_container(cfg, resolve=True), path)
         runtime.seed_everything(cfg.seed)
         self.data = load_data(cfg.dataset, self.device, cfg.seed)
         arch = ckpt["arch"] if ckpt else initial_arch(cfg.model, self.data.num_classes, self.data.input_shape)
@@ -74,6 +105,7 @@ class _Session:
         optimizer = build_optimizer(self.model, cfg.optim)
         steps = _steps_per_epoch(len(self.data.train.labels), t.batch_size)
         _plan_epochs(cfg, self.data, steps)
+        check_growth(cfg, self.data.num_classes, self.data.input_shape, steps)  # exact: the real data's sizes
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs)
         growth = _make_growth(cfg, run_dir, self.model, steps, self.data)
         self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth)
@@ -83,12 +115,16 @@ class _Session:
         self.growth_seconds = 0.0
         self.best = (float("nan"), 0)  # (best test accuracy, its epoch)
         self.last: dict = {}
+        self.signals = StopSignals()
+        self.saved_at = self.epoch_t0 = time.time()
         if ckpt:
             self.trainer.load_state_dict(ckpt["trainer"])
             runtime.set_rng_state(ckpt["rng"])
             self.total_seconds, self.growth_seconds = ckpt["total_seconds"], ckpt["growth_seconds"]
             self.best, self.last = tuple(ckpt["best"]), ckpt["last"]
-            log.info("resumed %s at epoch %d (step %d)", run_dir, self.trainer.epoch, self.trainer.step)
+            log.info("resumed %s from %s at epoch %d, step %d%s", run_dir, path.name, self.trainer.epoch,
+                     self.trainer.step, f" (batch {self.trainer.partial.batches} of epoch {self.trainer.epoch + 1})"
+                     if self.trainer.partial.batches else "")
         done = self.trainer.epoch
         self.metrics.start(keep=(lambda row: int(row["epoch"]) <= done) if ckpt else None)
         if growth is not None:
@@ -105,36 +141,65 @@ class _Session:
         log.info("run dir %s | %s on %s | %d train / %d test images | %d params", self.run_dir,
                  cfg.model.name, self.device, len(self.data.train.labels), len(self.data.test.labels),
                  count_params(self.model))
-        while tr.epoch < cfg.trainer.epochs:
-            t0 = time.time()
-            row = tr.train_epoch()
-            tr.epoch += 1
-            last_epoch = tr.epoch == cfg.trainer.epochs
-            if tr.epoch % cfg.trainer.eval_every == 0 or last_epoch:
-                for split in tr.eval_loaders:
-                    row[f"{split}_loss"], row[f"{split}_acc"] = tr.evaluate(split)
-            seconds = time.time() - t0
-            self.total_seconds += seconds
-            self.growth_seconds += row["growth_seconds"]
-            row.update(epoch=tr.epoch, step=tr.step, lr=tr.current_lr(), params=count_params(self.model),
-                       flops_per_image=count_flops(self.model, self.data.input_shape),
-                       epoch_seconds=seconds, total_seconds=self.total_seconds)
-            row.update({f"width:{n}": s.width for n, s in self.model.sites().items()})
-            if "test_acc" in row and not row["test_acc"] <= self.best[0]:
-                self.best = (row["test_acc"], tr.epoch)
-            self.last = row
-            self.metrics.append([row])
-            if cfg.trainer.checkpoint:
-                self._save()
-            log.info("epoch %d/%d  train %.4f / %.2f%%  %s  %.1fs", tr.epoch, cfg.trainer.epochs,
-                     row["train_loss"], 100 * row["train_acc"], _eval_text(row), seconds)
+        with self.signals:
+            while tr.epoch < cfg.trainer.epochs:
+                self._stop_if_asked()
+                self._epoch()
         summary = {"status": "completed", "run_dir": str(self.run_dir), **self.progress_summary()}
         log.info("done: test acc %.2f%% (best %.2f%% at epoch %d), %.0f s",
                  100 * self.last.get("test_acc", float("nan")), 100 * self.best[0], self.best[1],
                  self.total_seconds)
         return summary
 
+    def _epoch(self) -> None:
+        """Train (the rest of) one epoch, evaluate, log its row, checkpoint."""
+        cfg, tr = self.cfg, self.trainer
+        self.epoch_t0 = time.time() - tr.partial.seconds
+        row = tr.train_epoch(self._after_step)
+        tr.epoch += 1
+        last_epoch = tr.epoch == cfg.trainer.epochs
+        if tr.epoch % cfg.trainer.eval_every == 0 or last_epoch:
+            for split in tr.eval_loaders:
+                row[f"{split}_loss"], row[f"{split}_acc"] = tr.evaluate(split)
+        seconds = time.time() - self.epoch_t0
+        self.total_seconds += seconds
+        self.growth_seconds += row["growth_seconds"]
+        row.update(epoch=tr.epoch, step=tr.step, lr=tr.current_lr(), params=count_params(self.model),
+                   flops_per_image=count_flops(self.model, self.data.input_shape),
+                   epoch_seconds=seconds, total_seconds=self.total_seconds)
+        row.update({f"width:{n}": s.width for n, s in self.model.sites().items()})
+        if "test_acc" in row and not row["test_acc"] <= self.best[0]:
+            self.best = (row["test_acc"], tr.epoch)
+        self.last = row
+        self.metrics.append([row])
+        if cfg.trainer.checkpoint:
+            self._save()
+        log.info("epoch %d/%d  train %.4f / %.2f%%  %s  %.1fs", tr.epoch, cfg.trainer.epochs,
+                 row["train_loss"], 100 * row["train_acc"], _eval_text(row), seconds)
+
+    def _after_step(self) -> None:
+        """After every optimizer step: stop when a signal asked to, checkpoint when due."""
+        t, tr = self.cfg.trainer, self.trainer
+        due = (t.checkpoint_every and tr.step % t.checkpoint_every == 0) or \
+              (t.checkpoint_minutes and time.time() - self.saved_at >= 60 * t.checkpoint_minutes)
+        if t.checkpoint and (due or self.signals.received is not None):
+            tr.partial.seconds = time.time() - self.epoch_t0
+            self._save()
+        self._stop_if_asked()
+
+    def _stop_if_asked(self) -> None:
+        if self.signals.received is not None:
+            log.warning("stopped at epoch %d, step %d%s; continue with: growrun resume %s", self.trainer.epoch,
+                        self.trainer.step, " (checkpoint written)" if self.cfg.trainer.checkpoint else "", self.run_dir)
+            raise Interrupted(self.signals.received)
+
     def _save(self) -> None:
+        """Checkpoint the run, unless it has diverged (then the last good checkpoint stays)."""
+        self.trainer.check_finite()
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise Diverged(f"training diverged: non-finite weights at step {self.trainer.step} (epoch "
+                           f"{self.trainer.epoch + 1}); the last checkpoint before it is kept; lower optim.lr")
+        self.saved_at = time.time()
         save_checkpoint(self.run_dir / CHECKPOINT, {
             "arch": self.model.arch(), "model": self.model.state_dict(), "trainer": self.trainer.state_dict(),
             "rng": runtime.rng_state(), "total_seconds": self.total_seconds,

@@ -4,6 +4,12 @@ The hot path (one batch) does forward, loss, backward, optimizer and scheduler s
 the batch loss and correct count to on-device accumulators: no host synchronisation per batch
 (the progress bar's loss is read every `_POSTFIX_EVERY` batches only). Growth, when configured,
 runs between batches at the steps the growth controller asks for (fractional dt included).
+
+An epoch can stop and continue between any two steps: `partial` holds the batches done and the
+epoch's running sums, and is part of state_dict(), so a checkpoint written mid-epoch resumes
+exactly (the loader's batches depend on (seed, epoch) alone). A non-finite loss is recorded on
+the device (the first step it happened at) and raised as Diverged by check_finite(), which runs
+every `_POSTFIX_EVERY` steps, before growth, before checkpoints and at the end of the epoch.
 """
 from __future__ import annotations
 
@@ -11,13 +17,16 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from growrun import faults
 from growrun.data import BatchLoader, DataBundle
+from growrun.errors import Diverged
 from growrun.train import runtime
 
 log = logging.getLogger("growrun")
@@ -31,6 +40,20 @@ class GrowthHook(Protocol):
     def grow(self, trainer: "Trainer") -> float: ...  # returns seconds spent
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class EpochProgress:
+    """The part of the current epoch already trained (all zero at an epoch boundary)."""
+    batches: int = 0
+    loss_sum: torch.Tensor | None = None  # sum of per-image losses (device scalar)
+    correct: torch.Tensor | None = None  # correct predictions (device scalar, int64)
+    seen: int = 0
+    growth_seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the epoch before the last checkpoint (for resumed epochs)
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
 
 
 class Trainer:
@@ -48,6 +71,8 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
+        self.partial = EpochProgress()
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss step
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if t.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
         self.memory_format = runtime.memory_format(t.channels_last, device)
@@ -59,25 +84,27 @@ class Trainer:
         """Put the parameters in the configured memory format (again after growth)."""
         self.model.to(memory_format=self.memory_format)
 
-    def _batches(self, loader: BatchLoader, epoch: int):
-        for x, y in loader.epoch(epoch):
+    def _batches(self, loader: BatchLoader, epoch: int, start: int = 0):
+        for x, y in loader.epoch(epoch, start):
             yield x.contiguous(memory_format=self.memory_format), y
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
 
-    def train_epoch(self) -> dict[str, Any]:
-        """One epoch over the training set; returns the epoch's train metrics and growth time."""
-        model, opt, sched = self.model, self.optimizer, self.scheduler
+    def train_epoch(self, after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+        """The rest of the current epoch (all of it, or from where `partial` stopped); returns
+        the epoch's train metrics and growth time. `after_step` runs after every step (and its
+        growth event): the run's checkpoint and stop requests."""
+        model, opt, sched, p = self.model, self.optimizer, self.scheduler, self.partial
         model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen, growth_seconds = 0, 0.0
-        bar = tqdm(self._batches(self.train_loader, self.epoch), total=self.steps_per_epoch, leave=False,
-                   desc=f"epoch {self.epoch + 1}/{self.cfg.trainer.epochs}", disable=not self.show_progress,
-                   dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
+        if p.loss_sum is None:
+            p.loss_sum = torch.zeros((), device=self.device)
+            p.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        bar = tqdm(self._batches(self.train_loader, self.epoch, p.batches), total=self.steps_per_epoch,
+                   initial=p.batches, leave=False, desc=f"epoch {self.epoch + 1}/{self.cfg.trainer.epochs}",
+                   disable=not self.show_progress, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar, p.batches):
             with self.autocast:
                 out = model(x)
                 loss = self.criterion(out, y)
@@ -86,17 +113,44 @@ class Trainer:
             opt.step()
             sched.step()
             self.step += 1
-            loss_sum += loss.detach() * y.shape[0]
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += y.shape[0]
-            if self.show_progress and i % _POSTFIX_EVERY == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            loss = loss.detach()
+            self._note_finite(loss)
+            p.loss_sum += loss * y.shape[0]
+            p.correct += (out.detach().argmax(1) == y).sum()
+            p.seen += y.shape[0]
+            p.batches = i + 1
+            if i % _POSTFIX_EVERY == 0:
+                self.check_finite()
+                if self.show_progress:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
             if self.growth is not None and self.growth.due(self.step):
-                growth_seconds += self.growth.grow(self)
+                self.check_finite()
+                p.growth_seconds += self.growth.grow(self)
                 model.train()
+            faults.reach("step")
+            if after_step is not None:
+                after_step()
         bar.close()
-        return {"train_loss": (loss_sum / max(seen, 1)).item(), "train_acc": (correct.double() / max(seen, 1)).item(),
-                "growth_seconds": growth_seconds}
+        self.check_finite()
+        seen = max(p.seen, 1)
+        row = {"train_loss": (p.loss_sum / seen).item(), "train_acc": (p.correct.double() / seen).item(),
+               "growth_seconds": p.growth_seconds}
+        self.partial = EpochProgress()
+        return row
+
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Record (on the device, no synchronisation) the first step with a non-finite loss."""
+        fresh = (self._first_bad < 0) & ~torch.isfinite(loss)
+        self._first_bad = torch.where(fresh, self.step, self._first_bad)
+
+    def check_finite(self) -> None:
+        """Raise Diverged if a loss since the run (re)started was NaN or infinite."""
+        bad = int(self._first_bad)
+        if bad >= 0:
+            spe = self.steps_per_epoch
+            raise Diverged(f"training diverged: non-finite loss at step {bad} (epoch {(bad - 1) // spe + 1}, "
+                           f"batch {(bad - 1) % spe + 1}); the last checkpoint before it is kept; "
+                           "lower optim.lr or check the data")
 
     @torch.no_grad()
     def evaluate(self, name: str) -> tuple[float, float]:
@@ -116,12 +170,13 @@ class Trainer:
         return (loss_sum / max(seen, 1)).item(), (correct.double() / max(seen, 1)).item()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+        return {"epoch": self.epoch, "step": self.step, "partial": self.partial.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "growth": None if self.growth is None else self.growth.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
+        self.partial = EpochProgress(**state["partial"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.growth is not None and state.get("growth") is not None:

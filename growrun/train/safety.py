@@ -1,0 +1,117 @@
+"""What keeps a run safe from its surroundings: the run-directory lock, stop signals, and the
+check that a resumed run continues the configuration it was started with."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from growrun.errors import GrowrunError
+
+log = logging.getLogger("growrun")
+LOCK_FILE = ".lock"
+# keys a resumed run may change: the run's length and how it is run, not what it computes
+RESUMABLE_CHANGES = ("resume", "trainer.epochs", "growth.extra_epochs", "trainer.progress", "trainer.threads",
+                     "trainer.checkpoint", "trainer.checkpoint_every", "trainer.checkpoint_minutes",
+                     "dataset.root", "dataset.verify", "device")
+
+
+class RunLock:
+    """An exclusive flock on <run dir>/.lock for as long as a process trains in the directory;
+    the kernel releases it when the process ends, however it ends (no stale locks)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise GrowrunError(f"{self.path.parent} is being trained by another growrun process (pid {owner}); "
+                               "wait for it to end or stop it, then resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (harmless, reused next time)
+            self.fd = None
+
+
+class StopSignals:
+    """SIGTERM / SIGINT: the first one asks the run to stop after the current step (it then
+    writes a checkpoint and ends with status "interrupted"); a second one ends the process at
+    once (the last complete checkpoint stays). Active only in the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        log.warning("%s received: finishing the current step, then writing a checkpoint and stopping "
+                    "(send it again to stop at once)", signal.Signals(signum).name)
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between the checkpoint's
+    config and the current one, except RESUMABLE_CHANGES."""
+    a, b = _flatten(stored), _flatten(current)
+    missing = object()
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or key.startswith(tuple(k + "." for k in RESUMABLE_CHANGES)):
+            continue
+        old, new = a.get(key, missing), b.get(key, missing)
+        if old != new:
+            diffs.append(f"{key}: {_show(old, missing)} -> {_show(new, missing)}")
+    return diffs
+
+
+def check_resume_config(stored: dict, current: dict, path: Path) -> None:
+    diffs = config_differences(stored, current)
+    if diffs:
+        raise GrowrunError(f"resume: the config differs from the one {path} was trained with ({'; '.join(diffs)}); "
+                           f"only {', '.join(RESUMABLE_CHANGES[1:])} may change; start a new run directory instead")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
+def _show(value: Any, missing: object) -> str:
+    return "(absent)" if value is missing else repr(value)
