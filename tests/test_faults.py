@@ -253,3 +253,20 @@ def test_a_second_process_cannot_train_in_a_locked_directory(tmp_path):
             run_module.run(compose_cfg("trainer.epochs=2"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
     assert run_module.run(compose_cfg("trainer.epochs=2"), tmp_path)["status"] == "completed"
+
+
+def test_checkpoint_of_an_older_growrun_still_resumes(tmp_path):
+    """Before the checksummed format, last.pt was the state itself, its numpy RNG state an
+    array: it loads (numpy's array types allowed, nothing else) and the run continues."""
+    import numpy as np
+
+    run_module.run(compose_cfg("trainer.epochs=2"), tmp_path)
+    path = tmp_path / "checkpoints" / "last.pt"
+    state, _ = load_checkpoint(path)
+    kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    del state["trainer"]["partial"]
+    torch.save(state, path)
+    (tmp_path / "checkpoints" / "prev.pt").unlink()
+    summary = run_module.run(compose_cfg("trainer.epochs=3", "resume=true"), tmp_path)
+    assert summary["status"] == "completed" and summary["epochs_done"] == 3

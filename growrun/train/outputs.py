@@ -143,7 +143,10 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """One checkpoint file, checked: CheckpointError (one line) when it is torn, damaged, not a
     growrun checkpoint, or holds anything but tensors and plain containers."""
     try:
-        wrapped = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            wrapped = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return _read_legacy(path, device)
     except pickle.UnpicklingError as ex:
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
                               f"({_first_line(ex)}); loading it could run code") from None
@@ -159,6 +162,21 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     except pickle.UnpicklingError as ex:
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
                               f"({_first_line(ex)}); loading it could run code") from None
+
+
+def _read_legacy(path: Path, device) -> dict:
+    """A checkpoint of growrun before FORMAT (no checksum; the numpy RNG state as an array):
+    loaded weights_only with numpy's array-rebuilding types allowed, nothing else."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        state = torch.load(path, map_location=device, weights_only=True)
+    if not (isinstance(state, dict) and {"arch", "model", "trainer", "rng"} <= set(state)):
+        raise CheckpointError(f"{path}: not a growrun checkpoint")
+    log.warning("%s: a checkpoint of an older growrun (no checksum); resuming from it", path)
+    return state
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, Path] | None:

@@ -176,7 +176,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
-        self.partial = EpochProgress(**state["partial"])
+        self.partial = EpochProgress(**state.get("partial", {}))  # absent in older checkpoints: at an epoch end
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.growth is not None and state.get("growth") is not None:
