@@ -73,11 +73,12 @@ class BatchLoader:
     """Iterates a Split in batches of float32 normalised images and int64 labels, on its device."""
 
     def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
-                 shuffle: bool, augment: bool, drop_last: bool, seed: int):
+                 shuffle: bool, augment: bool, drop_last: bool, seed: int, shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.split, self.batch_size = split, int(batch_size)
         self.shuffle, self.augment, self.drop_last, self.seed = shuffle, augment, drop_last, int(seed)
+        self.rank, self.world = shard  # yield this rank's contiguous share of every batch
         dev = split.images.device
         c = split.images.shape[1]
         if len(mean) != c or len(std) != c:
@@ -102,7 +103,7 @@ class BatchLoader:
         n, bs = len(self.split), self.batch_size
         if not self.shuffle and not self.augment:  # evaluation: contiguous slices, no draws
             for i in range(start, len(self)):
-                sl = slice(i * bs, min((i + 1) * bs, n))
+                sl = self._share(i * bs, min((i + 1) * bs, n))
                 yield self.normalize(images[sl]), labels[sl]
             return
         draws = draw_epoch(n, self.seed, epoch, shuffle=self.shuffle)
@@ -110,9 +111,15 @@ class BatchLoader:
         order = draws.order.to(dev)
         offsets, flips = draws.offsets.to(dev), draws.flips.to(dev)
         for i in range(start, len(self)):
-            sl = slice(i * bs, min((i + 1) * bs, n))
+            sl = self._share(i * bs, min((i + 1) * bs, n))
             idx = order[sl]
             x = images.index_select(0, idx)
             if self.augment:
                 x = crop_flip(x, offsets[sl], flips[sl])
             yield self.normalize(x), labels.index_select(0, idx)
+
+    def _share(self, lo: int, hi: int) -> slice:
+        """This rank's part of positions lo..hi (torch.tensor_split's split; all of it for one rank)."""
+        q, r = divmod(hi - lo, self.world)
+        start = lo + self.rank * q + min(self.rank, r)
+        return slice(start, start + q + (self.rank < r))

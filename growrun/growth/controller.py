@@ -20,6 +20,11 @@ search found no gamma that lowers the loss), "nonfinite" / "degenerate" (the sit
 hold NaN or inf / a zero gradient: that site is not grown at this event, training goes on);
 "" when all requested neurons were added.
 
+With several ranks (trainer.dist, growrun.train.distributed) each rank takes its share of the
+statistics batches and of the line-search batch, the statistics (sums) are summed across ranks
+and every line-search loss is the global batch's mean, so all ranks take the same decisions;
+only rank 0 writes growth.csv.
+
 Function-preserving methods (gradmax, zero) skip the line search: gamma = 1, their fan-out
 scale is their own. Statistics and line search run in training mode (the mode training
 continues in) without touching BatchNorm running statistics.
@@ -46,6 +51,7 @@ from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_neurons, new_channel_moments
 from growrun.models import count_params, full_site_widths
+from growrun.train.distributed import Single
 from growrun.train.outputs import CsvLog
 
 log = logging.getLogger("growrun")
@@ -96,10 +102,14 @@ class GrowthController:
         self.event, self.turn = 0, 0
         self.model = model  # grown in place: the same object for the whole run
         self.log = CsvLog(run_dir / "growth.csv", COLUMNS)
+        self.writes = True  # start_log(write=False) on ranks other than 0
         _log_draw_sizes(self.g, n_train)
 
     # --- the trainer's interface -------------------------------------------------------------
-    def start_log(self, keep_until_step: int | None) -> None:
+    def start_log(self, keep_until_step: int | None, write: bool = True) -> None:
+        self.writes = write  # False on ranks other than 0
+        if not write:
+            return
         self.log.start(keep=(lambda row: int(row["step"]) <= keep_until_step) if keep_until_step is not None else None)
 
     def due(self, step: int) -> bool:
@@ -118,12 +128,17 @@ class GrowthController:
         stats_batches, search_batch = draw_samples(trainer.data.train, trainer.train_loader.normalize, self.g.samples,
                                                    self.g.line_search.batch_size, self.g.stats_batch_size, gen,
                                                    trainer.memory_format)
+        dist = getattr(trainer, "dist", None) or Single()
+        stats_batches, search_batch = [dist.shard(b) for b in stats_batches], dist.shard(search_batch)
+        self._mean_loss = self._loss_fn("mean") if not dist.active else _global_mean_loss(self._loss_fn("sum"), dist)
         sites = model.sites()
         pending = self._growable_names()
         grow_now = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" else pending
         t0 = time.time()
         stats = collect_statistics(model, [sites[n] for n in grow_now], stats_batches, self._loss_fn("sum"),
                                    conv_fanout=self.g.conv_fanout)
+        for site_stats in stats.values():
+            dist.sum_(site_stats.tensors())
         stats_seconds = (time.time() - t0) / max(1, len(grow_now))
         faults.reach("stats")
         proposals, trails, solve_seconds = {}, {}, {}
@@ -138,7 +153,8 @@ class GrowthController:
                 for n in grow_now]
         for row, name in zip(rows, grow_now):
             row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name])
-        self.log.append(rows)
+        if self.writes:
+            self.log.append(rows)
         if self.g.sites == "round_robin" and grow_now:
             self.turn = (self.names.index(grow_now[0]) + 1) % len(self.names)
         self.event += 1
@@ -198,7 +214,7 @@ class GrowthController:
             self._insert(site, proposal, neurons, moments, found.gamma, trainer.optimizer)
         fanin, fanout = neuron_norms(site.l1.weight[width:], site.l2.weight[:, width:])
         search_seconds = time.time() - t0
-        loss_after = _measure(model, search_batch, self._loss_fn("mean"))
+        loss_after = _measure(model, search_batch, self._mean_loss)
         return {
             "event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,
             "site": site.name, "method": self.g.method, "requested": trail[0][1], "added": added,
@@ -218,7 +234,7 @@ class GrowthController:
 
     def _search(self, model, site, proposal: Proposal, neurons, moments, search_batch) -> SearchResult:
         """gamma by line search; function-preserving methods: gamma = 1 (no search)."""
-        g, loss_mean = self.g, self._loss_fn("mean")
+        g, loss_mean = self.g, self._mean_loss
         if g.method in FUNCTION_PRESERVING:  # the function does not change
             before = _measure(model, search_batch, loss_mean)
             return SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, 1)
@@ -257,6 +273,17 @@ class GrowthController:
                 apply_weight_update(site, proposal.dw2, proposal.db2, scale)
 
         return update
+
+
+def _global_mean_loss(loss_sum, dist):
+    """The mean loss over every rank's share of a batch: sum of the shares' sums / their count."""
+    def loss(logits, y):
+        totals = [loss_sum(logits, y).detach().double(), torch.tensor(float(y.shape[0]), dtype=torch.float64,
+                                                                        device=logits.device)]
+        dist.sum_(totals)
+        return totals[0] / totals[1]
+
+    return loss
 
 
 def _unusable(stats, method: str) -> str:

@@ -15,7 +15,9 @@ interrupted (written however the run ends, except by SIGKILL).
 from __future__ import annotations
 
 import logging
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from growrun.config.validate import validate
 from growrun.data import load_data
 from growrun.errors import Diverged, GrowrunError, Interrupted
 from growrun.models import build_model, count_flops, count_params, full_site_widths, initial_arch
-from growrun.train import runtime
+from growrun.train import distributed, runtime
 from growrun.train.optim import build_optimizer, build_scheduler
 from growrun.train.outputs import CsvLog, disk_error, has_checkpoint, load_checkpoint, save_checkpoint, write_summary
 from growrun.train.safety import RunLock, StopSignals, check_resume_config
@@ -38,19 +40,45 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
-    run_dir = Path(run_dir)
-    with RunLock(run_dir):
+    dist = distributed.connect(runtime.resolve_device(cfg.device))
+    try:
+        run_dir = distributed.run_dir_of_rank0(Path(run_dir), dist)
+        with _exclusive(cfg, run_dir, dist):
+            return _run_locked(cfg, run_dir, dist)
+    except Exception as ex:
+        lost = distributed.lost_peer(ex, dist)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        dist.close()
+
+
+@contextmanager
+def _exclusive(cfg: DictConfig, run_dir: Path, dist):
+    """Hold the run directory's lock (rank 0) and refuse to overwrite a run; all ranks agree."""
+    lock, error = RunLock(run_dir), None
+    try:
+        if dist.is_main:
+            lock.__enter__()
         if has_checkpoint(run_dir / CHECKPOINT) and not cfg.resume:
             raise GrowrunError(f"{run_dir} already holds a checkpoint; add resume=true to continue it "
                                "or choose another hydra.run.dir")
-        return _run_locked(cfg, run_dir)
+    except GrowrunError as ex:
+        error = ex
+    try:
+        if dist.any(error is not None):
+            raise error or GrowrunError(f"rank {dist.rank}: rank 0 could not start the run (see its message)")
+        yield
+    finally:
+        lock.__exit__()
 
 
-def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
+def _run_locked(cfg: DictConfig, run_dir: Path, dist) -> dict:
     summary: dict = {"status": "running", "run_dir": str(run_dir)}
     session = None
     try:
-        session = _Session(cfg, run_dir)
+        session = _Session(cfg, run_dir, dist)
         summary = session.train()
         return summary
     except Diverged as ex:
@@ -76,7 +104,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
         if session is not None and summary.get("status") != "completed":
             summary.update(session.progress_summary())
         try:
-            write_summary(run_dir / "summary.json", summary)
+            if dist.is_main:
+                write_summary(run_dir / "summary.json", summary)
         except GrowrunError as ex:  # e.g. the disk is full: the error being raised says more
             log.error("%s", ex)
 
@@ -84,11 +113,12 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
 class _Session:
     """The objects of one run and the bookkeeping around the Trainer."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: DictConfig, run_dir: Path, dist):
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
         t = cfg.trainer
         runtime.configure(t.threads, t.deterministic)
-        self.device = runtime.resolve_device(cfg.device)
+        self.device = distributed.rank_device(runtime.resolve_device(cfg.device), dist)
+        distributed.check_batch(t.batch_size, dist)
         if t.precision == "bf16" and self.device.type != "cuda":
             raise GrowrunError(f"trainer.precision=bf16 needs a CUDA device; this run is on {self.device}")
         loaded = load_checkpoint(run_dir / CHECKPOINT, self.device) if cfg.resume else None
@@ -108,7 +138,7 @@ class _Session:
         check_growth(cfg, self.data.num_classes, self.data.input_shape, steps)  # exact: the real data's sizes
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs)
         growth = _make_growth(cfg, run_dir, self.model, steps, self.data)
-        self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth)
+        self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth, dist)
         self.site_names = list(self.model.sites())
         self.metrics = CsvLog(run_dir / "metrics.csv", self._metric_columns())
         self.total_seconds = 0.0
@@ -126,9 +156,10 @@ class _Session:
                      self.trainer.step, f" (batch {self.trainer.partial.batches} of epoch {self.trainer.epoch + 1})"
                      if self.trainer.partial.batches else "")
         done = self.trainer.epoch
-        self.metrics.start(keep=(lambda row: int(row["epoch"]) <= done) if ckpt else None)
+        if dist.is_main:
+            self.metrics.start(keep=(lambda row: int(row["epoch"]) <= done) if ckpt else None)
         if growth is not None:
-            growth.start_log(keep_until_step=self.trainer.step if ckpt else None)
+            growth.start_log(keep_until_step=self.trainer.step if ckpt else None, write=dist.is_main)
 
     def _metric_columns(self) -> list[str]:
         cols = ["epoch", "step", "lr", "train_loss", "train_acc"]
@@ -171,7 +202,8 @@ class _Session:
         if "test_acc" in row and not row["test_acc"] <= self.best[0]:
             self.best = (row["test_acc"], tr.epoch)
         self.last = row
-        self.metrics.append([row])
+        if self.dist.is_main:
+            self.metrics.append([row])
         if cfg.trainer.checkpoint:
             self._save()
         log.info("epoch %d/%d  train %.4f / %.2f%%  %s  %.1fs", tr.epoch, cfg.trainer.epochs,
@@ -182,6 +214,9 @@ class _Session:
         t, tr = self.cfg.trainer, self.trainer
         due = (t.checkpoint_every and tr.step % t.checkpoint_every == 0) or \
               (t.checkpoint_minutes and time.time() - self.saved_at >= 60 * t.checkpoint_minutes)
+        due, stop = self.dist.agree(bool(due), self.signals.received is not None)  # rank 0's clock, any signal
+        if stop and self.signals.received is None:  # another rank was signalled
+            self.signals.received = signal.SIGTERM
         if t.checkpoint and (due or self.signals.received is not None):
             tr.partial.seconds = time.time() - self.epoch_t0
             self._save()
@@ -200,6 +235,8 @@ class _Session:
             raise Diverged(f"training diverged: non-finite weights at step {self.trainer.step} (epoch "
                            f"{self.trainer.epoch + 1}); the last checkpoint before it is kept; lower optim.lr")
         self.saved_at = time.time()
+        if not self.dist.is_main:
+            return
         save_checkpoint(self.run_dir / CHECKPOINT, {
             "arch": self.model.arch(), "model": self.model.state_dict(), "trainer": self.trainer.state_dict(),
             "rng": runtime.rng_state(), "total_seconds": self.total_seconds,

@@ -10,6 +10,10 @@ epoch's running sums, and is part of state_dict(), so a checkpoint written mid-e
 exactly (the loader's batches depend on (seed, epoch) alone). A non-finite loss is recorded on
 the device (the first step it happened at) and raised as Diverged by check_finite(), which runs
 every `_POSTFIX_EVERY` steps, before growth, before checkpoints and at the end of the epoch.
+
+With several ranks (growrun.train.distributed) each trains on its share of every batch through
+the DDP wrapper `net` (rebuilt by prepare_model after growth); the epoch's sums, evaluation and
+the non-finite check are combined across ranks.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from growrun import faults
 from growrun.data import BatchLoader, DataBundle
 from growrun.errors import Diverged
 from growrun.train import runtime
+from growrun.train.distributed import Single
 
 log = logging.getLogger("growrun")
 _POSTFIX_EVERY = 25
@@ -58,15 +63,18 @@ class EpochProgress:
 
 class Trainer:
     def __init__(self, cfg, model: nn.Module, data: DataBundle, device: torch.device,
-                 optimizer: torch.optim.Optimizer, scheduler, growth: GrowthHook | None = None):
+                 optimizer: torch.optim.Optimizer, scheduler, growth: GrowthHook | None = None,
+                 dist: Single | None = None):
         self.cfg, self.model, self.data, self.device = cfg, model, data, device
+        self.dist = dist or Single()
+        shard = (self.dist.rank, self.dist.world)
         self.optimizer, self.scheduler, self.growth = optimizer, scheduler, growth
         t = cfg.trainer
         norm = dict(mean=data.mean, std=data.std)
         self.train_loader = BatchLoader(data.train, t.batch_size, shuffle=True, augment=cfg.dataset.augment,
-                                        drop_last=True, seed=cfg.seed, **norm)
+                                        drop_last=True, seed=cfg.seed, shard=shard, **norm)
         self.eval_loaders = {name: BatchLoader(split, t.eval_batch_size, shuffle=False, augment=False,
-                                               drop_last=False, seed=cfg.seed, **norm)
+                                               drop_last=False, seed=cfg.seed, shard=shard, **norm)
                              for name, split in (("val", data.val), ("test", data.test)) if split is not None}
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.epoch = 0  # epochs completed
@@ -81,8 +89,10 @@ class Trainer:
         self.show_progress = progress == "on" or (progress == "auto" and sys.stderr.isatty())
 
     def prepare_model(self) -> None:
-        """Put the parameters in the configured memory format (again after growth)."""
+        """Put the parameters in the configured memory format and (re)build the DDP wrapper
+        (again after growth: the parameters changed; rank 0's are broadcast)."""
         self.model.to(memory_format=self.memory_format)
+        self.net = self.dist.wrap(self.model)
 
     def _batches(self, loader: BatchLoader, epoch: int, start: int = 0):
         for x, y in loader.epoch(epoch, start):
@@ -106,7 +116,7 @@ class Trainer:
                    disable=not self.show_progress, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar, p.batches):
             with self.autocast:
-                out = model(x)
+                out = self.net(x)
                 loss = self.criterion(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -132,8 +142,10 @@ class Trainer:
                 after_step()
         bar.close()
         self.check_finite()
-        seen = max(p.seen, 1)
-        row = {"train_loss": (p.loss_sum / seen).item(), "train_acc": (p.correct.double() / seen).item(),
+        sums = [p.loss_sum.clone(), p.correct.clone(), torch.tensor(p.seen, device=self.device)]
+        self.dist.sum_(sums)
+        loss_sum, correct, seen = sums[0], sums[1], max(int(sums[2]), 1)
+        row = {"train_loss": (loss_sum / seen).item(), "train_acc": (correct.double() / seen).item(),
                "growth_seconds": p.growth_seconds}
         self.partial = EpochProgress()
         return row
@@ -145,7 +157,7 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Raise Diverged if a loss since the run (re)started was NaN or infinite."""
-        bad = int(self._first_bad)
+        bad = self.dist.max_int(self._first_bad)  # any rank's
         if bad >= 0:
             spe = self.steps_per_epoch
             raise Diverged(f"training diverged: non-finite loss at step {bad} (epoch {(bad - 1) // spe + 1}, "
@@ -156,6 +168,7 @@ class Trainer:
     def evaluate(self, name: str) -> tuple[float, float]:
         """Mean cross-entropy (no label smoothing) and accuracy on a held-out split."""
         model = self.model
+        self.dist.sync_buffers(model)  # every rank evaluates rank 0's model
         model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -167,7 +180,10 @@ class Trainer:
             correct += (out.argmax(1) == y).sum()
             seen += y.shape[0]
         model.train()
-        return (loss_sum / max(seen, 1)).item(), (correct.double() / max(seen, 1)).item()
+        sums = [loss_sum, correct, torch.tensor(seen, device=self.device)]
+        self.dist.sum_(sums)
+        seen = max(int(sums[2]), 1)
+        return (sums[0] / seen).item(), (sums[1].double() / seen).item()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "partial": self.partial.state_dict(),

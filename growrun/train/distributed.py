@@ -1,0 +1,193 @@
+"""Data-parallel training across processes (torchrun, or SLURM tasks): everything the run needs
+to know about the other ranks, in one place.
+
+    torchrun --nproc_per_node=K -m growrun train [OVERRIDES]                  # one node, K ranks
+    growrun train hydra/launcher=... hydra.launcher.tasks_per_node=K ...      # submitit (SLURM)
+
+Each rank trains on its contiguous 1/K share of every global batch (trainer.batch_size is the
+global batch; it must divide by K) through DistributedDataParallel, so the gradient is the
+global batch's mean gradient. At a growth event (growrun.growth.controller) every rank takes
+its share of the statistics batches and of the line-search batch; the statistics, which are
+sums (SiteStats.tensors()), are summed across ranks, and every loss the line search compares is
+the global batch's mean, so all ranks take the same decisions from the same numbers; after the
+surgery the DDP wrapper is rebuilt, which broadcasts rank 0's parameters and buffers, so all
+ranks continue from identical weights. Epoch metrics and evaluation are summed across ranks.
+Only rank 0 writes (CSV logs, checkpoints, summary.json) and holds the run-directory lock.
+
+BatchNorm normalises over each rank's share (as DDP does; SyncBatchNorm is CUDA-only), so a
+K-process run of a BatchNorm model is not the single-process run; without BatchNorm it is, up
+to float32 summation order (tests/test_distributed.py).
+
+Single process: `Single()`, whose methods are identities. Backend: nccl on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from growrun.errors import GrowrunError
+
+_PEER_GONE = ("Connection closed", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out", "Timed out")
+TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("GROWRUN_DIST_TIMEOUT_MIN", "30")))
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables; (0, 1, 0) without them. In a
+    SLURM job of several tasks started by submitit (hydra/launcher with tasks per node > 1),
+    submitit's TorchDistributedEnvironment first exports them (MASTER_ADDR: the first node)."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Single:
+    """One process: nothing to share."""
+    rank, world, active = 0, 1, False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor across ranks, in place."""
+
+    def max_int(self, value: torch.Tensor) -> int:
+        return int(value)
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def agree(self, due: bool, stop: bool) -> tuple[bool, bool]:
+        """(rank 0's `due`, any rank's `stop`): one decision for all ranks after a step."""
+        return due, stop
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Make every rank's buffers (BatchNorm running statistics) rank 0's."""
+
+    def share(self, value):
+        return value
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessGroup(Single):
+    """K processes joined by torch.distributed (env:// rendezvous, as torchrun sets it up)."""
+    active = True
+
+    def __init__(self, device: torch.device):
+        self.rank, self.world, self.local_rank = world_from_env()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            tdist.init_process_group(backend, timeout=TIMEOUT)
+        except (RuntimeError, ValueError) as ex:
+            raise GrowrunError(f"distributed run (WORLD_SIZE={self.world}): cannot join the other ranks "
+                               f"({str(ex).splitlines()[0][:200]}); launch with torchrun") from None
+        self.device = device
+
+    def shard(self, batch):
+        """This rank's contiguous share of a global batch (shares differ by at most one row)."""
+        x, y = batch
+        return x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+
+    def sum_(self, tensors):
+        for t in tensors:
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+
+    def max_int(self, value):
+        value = value.clone()
+        tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
+        return int(value)
+
+    def any(self, flag):
+        return self.max_int(torch.tensor(int(flag), device=self.device)) > 0
+
+    def agree(self, due, stop):
+        flags = torch.tensor([int(due and self.is_main), int(stop)], device=self.device)
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def wrap(self, model):
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def sync_buffers(self, model):
+        for b in model.buffers():
+            tdist.broadcast(b, src=0)
+
+    def share(self, value):
+        """rank 0's value of a picklable object, on every rank."""
+        box = [value]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def connect(device: torch.device) -> Single:
+    return ProcessGroup(device) if world_from_env()[1] > 1 else Single()
+
+
+def rank_device(device: torch.device, dist: Single) -> torch.device:
+    """cuda:LOCAL_RANK for a CUDA run of several ranks; `device` otherwise."""
+    if dist.active and device.type == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+def check_batch(batch_size: int, dist: Single) -> None:
+    if batch_size % dist.world:
+        raise GrowrunError(f"trainer.batch_size={batch_size}: must divide by the {dist.world} ranks "
+                           f"(each rank trains on an equal share of every batch)")
+
+
+def lost_peer(ex: BaseException, dist: Single) -> GrowrunError | None:
+    """The one-line error for a collective that failed because another rank is gone."""
+    text = str(ex)
+    if not dist.active or not isinstance(ex, RuntimeError) or not (
+            isinstance(ex, tdist.DistError) or any(k in text for k in _PEER_GONE)):
+        return None
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(ex).__name__
+    return GrowrunError(f"rank {dist.rank}: lost contact with the other ranks ({first}); the last checkpoint is "
+                        "kept; relaunch the same torchrun command with resume=true hydra.run.dir=<the run dir>")
+
+
+def run_dir_of_rank0(run_dir: Path, dist: Single) -> Path:
+    return Path(dist.share(str(run_dir)))
+
+
+def rank_arguments(args) -> None:
+    """Adjust `growrun train`'s parsed Hydra arguments for a rank of a torchrun launch: a sweep
+    (-m) is refused (launch one torchrun per run); ranks other than 0 get a throw-away run
+    directory without .hydra/ or logs (they train in rank 0's directory, which run() receives
+    from rank 0, and write nothing)."""
+    rank, world, _ = world_from_env()
+    if world <= 1:
+        return
+    if args.multirun:
+        raise GrowrunError(f"-m: a sweep cannot run inside torchrun (WORLD_SIZE={world}); launch one torchrun "
+                           "per run, or sweep with hydra/launcher=... and tasks per node")
+    if rank > 0:
+        scratch = tempfile.mkdtemp(prefix=f"growrun-rank{rank}-")
+        args.overrides = [*args.overrides, "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                          "hydra/hydra_logging=disabled", f"hydra.run.dir={scratch}"]
