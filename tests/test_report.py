@@ -26,9 +26,9 @@ from growrun.report.cli import report_main
 
 SITES = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "params",
-                  "flops_per_image", "epoch_seconds", "growth_seconds", "total_seconds",
-                  *(f"width:{s}" for s in SITES)]
-PNGS = ["acc_vs_params.png", "acc_vs_time.png", "widths.png", "psi.png"]
+                  "flops_per_image", "train_flops", "growth_flops", "epoch_seconds", "growth_seconds",
+                  "total_seconds", *(f"width:{s}" for s in SITES)]
+PNGS = ["acc_vs_params.png", "acc_vs_time.png", "acc_vs_compute.png", "widths.png", "psi.png"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 BASE_CONFIG = {  # the composed config (.hydra/config.yaml) of a synthetic ResNet18 growth run
@@ -85,7 +85,8 @@ def make_run(path: Path, seed: int, overrides: list[str], *, config: dict | None
         widths = [w + (e if growth else 0) for w in widths]
         rows.append({"epoch": e, "step": 4 * e, "lr": 0.1 / e, "train_loss": 2.0 / e, "train_acc": acc + 0.05,
                      "test_loss": 2.1 / e, "test_acc": acc, "params": 40000 + 1000 * seed + 5000 * e,
-                     "flops_per_image": 3_000_000 + 20_000 * seed + 100_000 * e, "epoch_seconds": seconds,
+                     "flops_per_image": 3_000_000 + 20_000 * seed + 100_000 * e,
+                     "train_flops": 9e9 * e, "growth_flops": 1e9 * e if growth else 0, "epoch_seconds": seconds,
                      "growth_seconds": grow, "total_seconds": total,
                      **{f"width:{s}": w for s, w in zip(SITES, widths)}})
     with (path / "metrics.csv").open("w", newline="") as f:

@@ -25,6 +25,11 @@ statistics batches and of the line-search batch, the statistics (sums) are summe
 and every line-search loss is the global batch's mean, so all ranks take the same decisions;
 only rank 0 writes growth.csv.
 
+Compute (`flops`, cumulative, in the state): per event, at the width before it, with F the
+forward FLOPs per image: 3 F per statistics sample (forward and backward), F per sample of each
+BatchNorm moments pass, F per line-search image per loss evaluated (the search's evaluations
+and the loss after insertion).
+
 Function-preserving methods (gradmax, zero) skip the line search: gamma = 1, their fan-out
 scale is their own. Statistics and line search run in training mode (the mode training
 continues in) without touching BatchNorm running statistics.
@@ -50,7 +55,7 @@ from growrun.growth.scale import existing_norms, neuron_norms, rebalance, rebala
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_neurons, new_channel_moments
-from growrun.models import count_params, full_site_widths
+from growrun.models import count_flops, count_params, full_site_widths
 from growrun.train.distributed import Single
 from growrun.train.outputs import CsvLog
 
@@ -100,6 +105,7 @@ class GrowthController:
         self.targets = policy.target_widths(self.g, self.names, full_site_widths(model.arch(), cfg.model), current)
         self.start = dict(zip(self.names, current))
         self.event, self.turn = 0, 0
+        self.flops = 0  # growth compute so far (see the module doc)
         self.model = model  # grown in place: the same object for the whole run
         self.log = CsvLog(run_dir / "growth.csv", COLUMNS)
         self.writes = True  # start_log(write=False) on ranks other than 0
@@ -116,10 +122,11 @@ class GrowthController:
         return step in self.schedule and bool(self._growable_names())
 
     def state_dict(self) -> dict:
-        return {"event": self.event, "turn": self.turn, "start": dict(self.start)}
+        return {"event": self.event, "turn": self.turn, "start": dict(self.start), "flops": self.flops}
 
     def load_state_dict(self, state: dict) -> None:
         self.event, self.turn, self.start = state["event"], state["turn"], dict(state["start"])
+        self.flops = state.get("flops", 0)  # absent in older checkpoints
 
     def grow(self, trainer) -> float:
         started = time.time()
@@ -129,6 +136,8 @@ class GrowthController:
                                                    self.g.line_search.batch_size, self.g.stats_batch_size, gen,
                                                    trainer.memory_format)
         dist = getattr(trainer, "dist", None) or Single()
+        forward = count_flops(model, trainer.data.input_shape)
+        n_stats, n_search = sum(len(y) for _, y in stats_batches), len(search_batch[1])
         stats_batches, search_batch = [dist.shard(b) for b in stats_batches], dist.shard(search_batch)
         self._mean_loss = self._loss_fn("mean") if not dist.active else _global_mean_loss(self._loss_fn("sum"), dist)
         sites = model.sites()
@@ -153,6 +162,8 @@ class GrowthController:
                 for n in grow_now]
         for row, name in zip(rows, grow_now):
             row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name])
+        passes = 3 * n_stats + sum(n_stats * r.pop("_moments") + n_search * (r.pop("_evaluations") + 1) for r in rows)
+        self.flops += forward * passes
         if self.writes:
             self.log.append(rows)
         if self.g.sites == "round_robin" and grow_now:
@@ -226,6 +237,7 @@ class GrowthController:
             "loss_candidate": found.loss_at_gamma, "loss_after": loss_after,
             "measured_gain": found.loss_before - loss_after, "fanin_norm": fanin, "fanin_ref": fanin_ref,
             "fanout_norm": fanout, "fanout_ref": fanout_ref, "search_seconds": search_seconds,
+            "_moments": int(moments is not None), "_evaluations": found.evaluations,  # compute, not logged
         }
 
     def _slope(self, proposal: Proposal) -> float:

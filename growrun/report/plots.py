@@ -74,6 +74,36 @@ def acc_vs_time(groups: list[Group]):
                    "wall time (s, cumulative total_seconds)", False)
 
 
+def acc_vs_compute(groups: list[Group]):
+    """Mean curve per group (mean compute and accuracy per epoch over its seeds), bold; each
+    seed faint behind it; log compute axis."""
+    from growrun.report.compute import mean_curve
+
+    curves = [(i, g, mean_curve(g)) for i, g in enumerate(groups)]
+    curves = [(i, g, pts) for i, g, pts in curves if pts]
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, g, pts in curves:
+        for run in g.runs:
+            seed = [(r["compute"], 100 * r["test_acc"]) for r in run.metrics
+                    if r.get("compute") is not None and r.get("test_acc") is not None]
+            if seed:
+                ax.plot(*zip(*seed), color=_colour(i), alpha=0.25, linewidth=0.8)
+        xs, ys = zip(*pts)
+        ax.plot(xs, [100 * y for y in ys], color=_colour(i), marker="o", markersize=3, linewidth=1.8,
+                label=f"{g.short_label} (mean of {len(g.runs)})")
+    if all(x > 0 for *_, pts in curves for x, _ in pts):
+        ax.set_xscale("log")
+    ax.set_xlabel("compute (FLOPs: training + growth, cumulative)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy vs compute (one point per epoch; faint: single seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    return fig
+
+
 def _panels(n: int, title: str):
     plt = _plt()
     cols = min(3, n)
@@ -192,6 +222,8 @@ def _wrapped(text: str, width: int = 55) -> str:
 PLOTS = [  # (file name, description, builder, why it may be skipped)
     ("acc_vs_params.png", "test accuracy vs parameters", acc_vs_params, "no run has params and test_acc"),
     ("acc_vs_time.png", "test accuracy vs wall time", acc_vs_time, "no run has total_seconds and test_acc"),
+    ("acc_vs_compute.png", "test accuracy vs compute (training + growth FLOPs)", acc_vs_compute,
+     "no run has train_flops and growth_flops (an older growrun)"),
     ("widths.png", "growth-site widths over epochs", widths, "no run has width:<site> columns in metrics.csv"),
     ("psi.png", "bottleneck Psi per site over growth events", psi,
      "no run has a growth.csv with psi values (growth.method=none, or no growth event yet)"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 
+from growrun.report import compute
 from growrun.report.reference import REFERENCE_NOTE, REFERENCES, SOURCE, rule_text
 from growrun.report.runs import Run
 from growrun.report.table import METRICS, Group, Stat
@@ -83,6 +84,8 @@ def report_markdown(sources: list[str], runs: list[Run], keys: list[str], groups
                    "time at the end of the run; growth share = time spent in growth events / wall time.")
     else:
         out.append("No run completed: nothing to tabulate.")
+    out += ["", "## Compute", ""]
+    out += compute.markdown(groups)
     out += ["", "## Paper reference", ""]
     out += _reference_section(groups)
     out += ["", "## Plots", ""]

@@ -164,7 +164,8 @@ class _Session:
     def _metric_columns(self) -> list[str]:
         cols = ["epoch", "step", "lr", "train_loss", "train_acc"]
         cols += [f"{s}_{m}" for s in ("val", "test") if s in self.trainer.eval_loaders for m in ("loss", "acc")]
-        cols += ["params", "flops_per_image", "epoch_seconds", "growth_seconds", "total_seconds"]
+        cols += ["params", "flops_per_image", "train_flops", "growth_flops", "epoch_seconds", "growth_seconds",
+                 "total_seconds"]
         return cols + [f"width:{name}" for name in self.site_names]
 
     def train(self) -> dict:
@@ -196,8 +197,8 @@ class _Session:
         self.total_seconds += seconds
         self.growth_seconds += row["growth_seconds"]
         row.update(epoch=tr.epoch, step=tr.step, lr=tr.current_lr(), params=count_params(self.model),
-                   flops_per_image=count_flops(self.model, self.data.input_shape),
-                   epoch_seconds=seconds, total_seconds=self.total_seconds)
+                   flops_per_image=count_flops(self.model, self.data.input_shape), train_flops=tr.train_flops,
+                   growth_flops=self._growth_flops(), epoch_seconds=seconds, total_seconds=self.total_seconds)
         row.update({f"width:{n}": s.width for n, s in self.model.sites().items()})
         if "test_acc" in row and not row["test_acc"] <= self.best[0]:
             self.best = (row["test_acc"], tr.epoch)
@@ -244,6 +245,10 @@ class _Session:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         })
 
+    def _growth_flops(self) -> int:
+        growth = self.trainer.growth
+        return 0 if growth is None else growth.flops
+
     def progress_summary(self) -> dict:
         last = self.last
         return {
@@ -253,6 +258,7 @@ class _Session:
             "best_test_acc": self.best[0], "best_epoch": self.best[1],
             "params": count_params(self.model),
             "flops_per_image": count_flops(self.model, self.data.input_shape),
+            "train_flops": self.trainer.train_flops, "growth_flops": self._growth_flops(),
             "total_seconds": self.total_seconds, "growth_seconds": self.growth_seconds,
             "widths": {n: s.width for n, s in self.model.sites().items()},
             "arch": self.model.arch(),

@@ -14,6 +14,11 @@ every `_POSTFIX_EVERY` steps, before growth, before checkpoints and at the end o
 With several ranks (growrun.train.distributed) each trains on its share of every batch through
 the DDP wrapper `net` (rebuilt by prepare_model after growth); the epoch's sums, evaluation and
 the non-finite check are combined across ranks.
+
+Compute: `train_flops` counts the training FLOPs of every image seen at the width it was seen
+at, TRAIN_FLOPS_PER_FORWARD x the model's forward FLOPs per image (growrun.models.count_flops:
+2 per multiply-add of conv and linear layers) per image: the forward, and a backward of about
+twice its cost (gradients of the inputs and of the weights). Evaluation is not counted.
 """
 from __future__ import annotations
 
@@ -31,16 +36,19 @@ from tqdm import tqdm
 from growrun import faults
 from growrun.data import BatchLoader, DataBundle
 from growrun.errors import Diverged
+from growrun.models import count_flops
 from growrun.train import runtime
 from growrun.train.distributed import Single
 
 log = logging.getLogger("growrun")
 _POSTFIX_EVERY = 25
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients) per image
 
 
 class GrowthHook(Protocol):
     """What the trainer needs from a growth controller (growrun.growth.controller)."""
 
+    flops: int  # growth compute so far
     def due(self, step: int) -> bool: ...
     def grow(self, trainer: "Trainer") -> float: ...  # returns seconds spent
     def state_dict(self) -> dict: ...
@@ -79,6 +87,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
+        self.train_flops = 0  # training compute so far (see the module doc)
         self.partial = EpochProgress()
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss step
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -93,6 +102,7 @@ class Trainer:
         (again after growth: the parameters changed; rank 0's are broadcast)."""
         self.model.to(memory_format=self.memory_format)
         self.net = self.dist.wrap(self.model)
+        self.flops_per_image = count_flops(self.model, self.data.input_shape)
 
     def _batches(self, loader: BatchLoader, epoch: int, start: int = 0):
         for x, y in loader.epoch(epoch, start):
@@ -123,6 +133,7 @@ class Trainer:
             opt.step()
             sched.step()
             self.step += 1
+            self.train_flops += TRAIN_FLOPS_PER_FORWARD * self.flops_per_image * y.shape[0] * self.dist.world
             loss = loss.detach()
             self._note_finite(loss)
             p.loss_sum += loss * y.shape[0]
@@ -186,12 +197,14 @@ class Trainer:
         return (sums[0] / seen).item(), (sums[1].double() / seen).item()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "partial": self.partial.state_dict(),
+        return {"epoch": self.epoch, "step": self.step, "train_flops": self.train_flops,
+                "partial": self.partial.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "growth": None if self.growth is None else self.growth.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
+        self.train_flops = state.get("train_flops", 0)  # absent in older checkpoints
         self.partial = EpochProgress(**state.get("partial", {}))  # absent in older checkpoints: at an epoch end
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
