@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 # The TINY paper's Table 1 protocol as a sweep (configs/experiment/table1_$(SCALE).yaml), then
 # its report (table, plots) in $(T1_DIR). SCALE=full: CIFAR-100, full ResNet18, 250 extra
-# epochs (a GPU machine or cluster: add ARGS='hydra/launcher=submitit_slurm'); SCALE=cpu: the
+# epochs (a GPU machine or cluster: add ARGS='hydra/launcher=slurm ...'); SCALE=cpu: the
 # same protocol shrunk to CIFAR-10 at 1/4 width, ~60 min here. Re-running resumes unfinished
 # runs and skips finished ones; the report lists runs that failed, and make exits non-zero.
 SCALE  ?= full

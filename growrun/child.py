@@ -2,9 +2,10 @@
 
 `growrun resume` trains in a child process (`growrun train ... resume=true`). With
 subprocess.call, SIGTERM ended the parent and left the child training on, orphaned, still
-writing into the run directory. Inside `SignalForwarder`, SIGTERM, SIGINT and SIGHUP sent to
-this process are passed on to the running child, which stops as a signalled run does (a
-checkpoint, status `interrupted`, a non-zero exit), and this process waits for it:
+writing into the run directory. Inside `SignalForwarder`, SIGTERM, SIGINT, SIGHUP and the
+preemption signal (SIGUSR2) sent to this process are passed on to the running child, which
+stops as a signalled run does (a checkpoint, status `interrupted`, a non-zero exit), and this
+process waits for it:
 
     with SignalForwarder() as signals:
         status = signals.run(command)       # 128 + N when signal N ended the child
@@ -22,7 +23,11 @@ import signal
 import subprocess
 import sys
 
+from growrun.train.safety import PREEMPT_SIGNAL
+
 FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+if PREEMPT_SIGNAL is not None and PREEMPT_SIGNAL not in FORWARDED:  # a scheduler's warning (SIGUSR2)
+    FORWARDED += (PREEMPT_SIGNAL,)
 
 
 class SignalForwarder:
@@ -82,6 +87,6 @@ def _own_process_group() -> dict:
 
 
 def signal_exit(code: int) -> bool:
-    """Whether a child's exit status says that SIGTERM, SIGINT or SIGHUP ended it (killed, or
+    """Whether a child's exit status says that one of the FORWARDED signals ended it (killed, or
     the 128 + N of a run that stopped on the signal)."""
     return code - 128 in FORWARDED

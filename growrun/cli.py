@@ -8,11 +8,14 @@ User-facing failures print one line `growrun: error: ...` and exit with status 2
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 from growrun.child import SignalForwarder, signal_exit
 from growrun.errors import GrowrunError
+
+log = logging.getLogger("growrun")
 
 USAGE = """usage: growrun COMMAND [ARGS]
 
@@ -52,14 +55,19 @@ def train(rest: list[str]) -> int:
 
     from growrun.config import store  # noqa: F401  (registers the schema)
     from growrun.config.precheck import CONFIG_MODULE, CONFIG_NAME, precheck
-    from growrun.sweep import last_sweep_dir, register_resolvers, run_status, sweep_runs
+    from growrun.sweep import last_sweep_dir, register_resolvers, rerun_plan, run_status, sweep_runs
+    from growrun.train.distributed import rank_arguments
 
     register_resolvers()
     parser = get_args_parser()
     parser.prog = "growrun train"
     args = parser.parse_args(rest)
+    rank_arguments(args)  # under torchrun: ranks other than 0 write no Hydra output of their own
     if not (args.help or args.hydra_help or args.info or args.shell_completion):
-        precheck(args)
+        first = precheck(args)
+        if args.multirun and not args.cfg:
+            for line in rerun_plan(first, args.overrides):  # a re-run sweep: skip, resume or start each job
+                print(f"growrun: {line}", file=sys.stderr)
     _run_hydra(args=args, args_parser=parser, task_function=_task,
                config_path=CONFIG_MODULE, config_name=CONFIG_NAME)
     sweep = last_sweep_dir() if args.multirun else None
@@ -76,14 +84,29 @@ def _task(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from growrun.launch import launcher_kind, requeue_if_preempted, resume_requeued, set_job_threads
+    from growrun.sweep import job_state, read_summary
     from growrun.train.run import run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    resume_requeued(cfg, hydra_cfg, run_dir)  # submitit requeued this job: continue its run
+    if multirun and cfg.resume:
+        action, held = job_state(run_dir)
+        if action == "skip":  # a re-run sweep: this job has finished
+            log.info("job %s: %s, skipped", hydra_cfg.job.num, held)
+            return read_summary(run_dir)
+    set_job_threads(cfg, hydra_cfg)
     try:
         return run(cfg, run_dir)
+    except KeyboardInterrupt as ex:  # growrun.errors.Interrupted: stopped by a signal, checkpoint written
+        if launcher_kind(hydra_cfg) != "submitit":
+            raise  # the signal ends the sweep
+        requeue_if_preempted(getattr(ex, "signum", 0))  # SIGUSR2: submitit requeues the job and exits
+        return read_summary(run_dir)  # SIGTERM / SIGINT (scancel): this job ends, the others go on
     except GrowrunError as ex:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if multirun:
             # The sweep goes on; the run's summary.json says "failed" and the CLI lists it.
             print(f"growrun: error: [{run_dir}] {ex}", file=sys.stderr)
             return {"status": "failed", "error": str(ex)}
@@ -91,28 +114,32 @@ def _task(cfg) -> dict:
 
 
 def resume(rest: list[str]) -> int:
-    """Re-run a run's own overrides in its directory with resume=true (each unfinished run of a
-    sweep), in a child process that SIGTERM / SIGINT / SIGHUP to this one reach
-    (growrun.child); a run stopped by a signal ends the resume with its non-zero status."""
-    from omegaconf import OmegaConf
-
-    from growrun.sweep import run_status, sweep_runs
+    """Re-run a run's own overrides in its directory with resume=true, in a child process that
+    SIGTERM / SIGINT / SIGHUP / SIGUSR2 to this one reach (growrun.child); a run stopped by a
+    signal ends the resume with its non-zero status. A sweep: each job of it (its multirun.yaml,
+    so also the jobs never started) in turn, skipping the finished ones (growrun.sweep.job_state)."""
+    from growrun.sweep import job_state, recorded_jobs, stored_overrides
 
     if not rest:
         raise GrowrunError("resume needs a run or sweep directory: growrun resume DIR [OVERRIDES]")
     target, extra = Path(rest[0]), rest[1:]
-    runs = [target] if (target / ".hydra").is_dir() else sweep_runs(target)
-    if not runs:
+    jobs = [(target, stored_overrides(target))] if (target / ".hydra").is_dir() else recorded_jobs(target)
+    if not jobs:
         raise GrowrunError(f"{target}: not a growrun run or sweep directory (no .hydra/ inside)")
-    todo = [r for r in runs if len(runs) == 1 or run_status(r) != "completed"]
+    todo = []
+    for run_dir, overrides in jobs:
+        action, held = job_state(run_dir)
+        if action == "skip" and len(jobs) > 1:
+            print(f"growrun: skipping {run_dir} ({held})", file=sys.stderr)
+        else:  # a single run is always continued (e.g. a completed one with more trainer.epochs)
+            todo.append((run_dir, overrides, "starting" if action == "start" else "resuming", held))
     statuses = []
     with SignalForwarder() as signals:
-        for i, run_dir in enumerate(todo):
-            overrides = [o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-                         if not o.startswith(("resume=", "hydra.run.dir="))]
+        for i, (run_dir, overrides, doing, held) in enumerate(todo):
+            overrides = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir="))]
             command = [sys.executable, "-m", "growrun", "train", *overrides, *extra,
                        "resume=true", f"hydra.run.dir={run_dir}"]
-            print(f"growrun: resuming {run_dir}", file=sys.stderr)
+            print(f"growrun: {doing} {run_dir} ({held})", file=sys.stderr)
             statuses.append(signals.run(command))
             if signals.received or signal_exit(statuses[-1]):
                 return _interrupted(run_dir, statuses[-1], signals.received, len(todo) - i - 1)

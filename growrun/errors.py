@@ -15,7 +15,7 @@ class Diverged(GrowrunError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGTERM / SIGINT after writing its checkpoint (summary status
+    """A run stopped by SIGTERM / SIGINT / SIGUSR2 after writing its checkpoint (summary status
     "interrupted"). A KeyboardInterrupt, so that it also ends a sweep; exit status 128 + signum."""
 
     def __init__(self, signum: int):

@@ -6,6 +6,12 @@
   subdirectories (hydra.sweep.subdir = job number).
 - SweepStatusCallback records the sweep directory so that the CLI can list, at the end of a
   multirun, the runs that failed (their summary.json status) and exit non-zero.
+- Re-running a sweep (the same `growrun train -m ... resume=true` into its hydra.sweep.dir, or
+  `growrun resume SWEEP_DIR`): `job_state` says what happens to each job, the same for every
+  launcher: a finished job (completed, diverged) is skipped, a job with a checkpoint resumes
+  from it, any other starts (over). `sweep_jobs` lists each job's overrides in Hydra's job order
+  (BasicSweeper), so that a job never started can be started and a job directory that holds
+  another configuration's run is refused (`check_same_job`) before anything is written.
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from growrun.errors import GrowrunError
+
 UID_ENV = "GROWRUN_UID"
+FINISHED = ("completed", "diverged")  # a re-run sweep skips these jobs
 _last_sweep_dir: list[Path] = []
 
 
@@ -43,14 +52,118 @@ def last_sweep_dir() -> Path | None:
 
 
 def run_status(run_dir: Path) -> str:
-    """completed | failed | interrupted | running-or-crashed (no summary.json)."""
+    """completed | failed | diverged | interrupted | incomplete (running or crashed: no summary.json)."""
+    return read_summary(run_dir).get("status", "unknown")
+
+
+def read_summary(run_dir: Path) -> dict:
+    """summary.json; {"status": "incomplete"} when it is missing or unreadable."""
     try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status", "unknown")
+        return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return "incomplete"
+        return {"status": "incomplete"}
+
+
+def job_state(run_dir: Path) -> tuple[str, str]:
+    """What a re-run sweep does with the job of run_dir: ("skip" | "resume" | "start", what the
+    directory holds), e.g. ("resume", "interrupted after 3/20 epochs")."""
+    from growrun.train.outputs import has_checkpoint
+
+    if not (run_dir / ".hydra").is_dir():
+        return "start", "not started"
+    summary = read_summary(run_dir)
+    status = summary.get("status", "unknown")
+    if status in FINISHED:
+        return "skip", status
+    if has_checkpoint(run_dir / "checkpoints" / "last.pt"):
+        done = f" after {summary['epochs_done']}/{summary['epochs']} epochs" if "epochs_done" in summary else ""
+        return "resume", status + done
+    return "start", f"{status}, no checkpoint"
 
 
 def sweep_runs(sweep_dir: Path) -> list[Path]:
     """Run directories of a sweep (those holding a .hydra/ folder), in job order."""
     runs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()] if sweep_dir.is_dir() else []
-    return sorted(runs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    return sorted(runs, key=_job_order)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The task overrides of each job of `growrun train -m OVERRIDES`, in Hydra's job order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def swept_keys(overrides: list[str]) -> set[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.get_key_element() for o in OverridesParser.create().parse_overrides(list(overrides))
+            if o.is_sweep_override() and not o.is_hydra_override()}
+
+
+def stored_overrides(run_dir: Path) -> list[str]:
+    return [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
+
+
+def recorded_jobs(sweep_dir: Path) -> list[tuple[Path, list[str]]]:
+    """(run dir, overrides) of every job of a sweep: the jobs of its multirun.yaml (those never
+    started included) and any other run directory in it, in job order."""
+    jobs: dict[Path, list[str]] = {}
+    if (sweep_dir / "multirun.yaml").is_file():
+        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+        jobs = {sweep_dir / str(i): job for i, job in enumerate(sweep_jobs(list(task)))}
+    for run_dir in sweep_runs(sweep_dir):
+        jobs[run_dir] = stored_overrides(run_dir)
+    return sorted(jobs.items(), key=lambda item: _job_order(item[0]))
+
+
+def rerun_plan(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """One line per job of `growrun train -m OVERRIDES` (cfg: its first job's config) into a
+    sweep directory that already holds runs: what it does with the job (skip, resume, start);
+    GrowrunError for a job directory that holds a run of other overrides. [] for a new sweep."""
+    sweep = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=False)
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+    if not isinstance(sweep, str) or subdir != "${hydra.job.num}" or not sweep_runs(Path(sweep)):
+        return []
+    sweep_dir, jobs, swept = Path(sweep), sweep_jobs(overrides), swept_keys(overrides)
+    lines = []
+    for i, job in enumerate(jobs):
+        run_dir = sweep_dir / str(i)
+        if (run_dir / ".hydra").is_dir():
+            check_same_job(sweep_dir, run_dir, job)
+        action, held = job_state(run_dir)
+        label = " ".join(o for o in job if o.split("=", 1)[0] in swept)
+        doing = {"skip": "skipped", "resume": "resuming from its checkpoint", "start": "starting"}[action]
+        lines.append(f"job {i}{' (' + label + ')' if label else ''}: {held}, {doing}")
+    return lines
+
+
+def check_same_job(sweep_dir: Path, run_dir: Path, overrides: list[str]) -> None:
+    """Refuse (GrowrunError) a job whose directory holds a run of other overrides (apart from
+    the keys a resumed run may change): the sweep command is not the one that made the sweep."""
+    old, new = _settings(stored_overrides(run_dir)), _settings(overrides)
+    if old != new:
+        diff = ", ".join(f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+                         for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        raise GrowrunError(f"hydra.sweep.dir={sweep_dir}: job {run_dir.name} holds a run of other overrides ({diff}); "
+                           "re-run the sweep with its own values, or choose another hydra.sweep.dir")
+
+
+def _settings(overrides: list[str]) -> dict[str, str]:
+    """{key: value} of an override list, without the keys a resumed run may change."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from growrun.train.safety import RESUMABLE_CHANGES
+
+    settings = {}
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.get_key_element().lstrip("+~")
+        if key not in RESUMABLE_CHANGES:
+            settings[key] = "(deleted)" if o.is_delete() else o.get_value_element_as_str()
+    return settings
+
+
+def _job_order(p: Path) -> tuple:
+    return not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name

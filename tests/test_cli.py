@@ -188,6 +188,8 @@ def test_regular_install_carries_the_configs(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
                     str(repo)], check=True, capture_output=True, timeout=600)
     assert (site / "growrun" / "configs" / "train.yaml").is_file()
+    assert {p.name for p in (site / "growrun" / "configs" / "hydra" / "launcher").iterdir()} >= \
+        {"parallel.yaml", "slurm.yaml", "slurm_local.yaml"}  # the launcher presets
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = "import growrun, sys; print(growrun.__file__); from growrun.cli import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", code, "train", "dataset=synthetic", "--cfg", "job"],

@@ -33,9 +33,13 @@ from growrun.config.growable import check_growth
 from growrun.config.rundir import check_output_dir
 from growrun.config.validate import unknown_key_message, validate
 from growrun.errors import GrowrunError
+from growrun.launch import check_launcher
 
 CONFIG_MODULE = "pkg://growrun.configs"
 CONFIG_NAME = "train"
+# the launcher plugins' own configs, which growrun's presets (configs/hydra/launcher/) extend
+LAUNCHER_PLUGINS = {"submitit_slurm": "hydra-submitit-launcher", "submitit_local": "hydra-submitit-launcher",
+                    "joblib": "hydra-joblib-launcher"}
 
 
 def make_hydra(config_dir: str | None) -> Hydra:
@@ -50,8 +54,10 @@ def make_hydra(config_dir: str | None) -> Hydra:
     return Hydra.create_main_hydra2(task_name="train", config_search_path=search_path)
 
 
-def precheck(args: argparse.Namespace) -> None:
-    """Raise GrowrunError (one line) if any run of this command line has a bad config."""
+def precheck(args: argparse.Namespace) -> DictConfig:
+    """Raise GrowrunError (one line) if any run of this command line has a bad config; else the
+    config of its first run (a sweep's swept keys at their first values)."""
+    first = None
     try:
         hydra = make_hydra(args.config_dir)
         parsed = OverridesParser.create().parse_overrides(args.overrides)
@@ -65,6 +71,10 @@ def precheck(args: argparse.Namespace) -> None:
             check_growth(cfg)
             if i == 0 and not args.cfg:  # --cfg prints the config and writes nothing
                 check_output_dir(cfg, bool(args.multirun))
+                if args.multirun:
+                    check_launcher(cfg)
+            first = cfg if i == 0 else first
+        return first
     except GrowrunError:
         raise
     except OverrideParseException as ex:
@@ -107,6 +117,9 @@ def _first_line(ex: BaseException) -> str:
 
 def _missing_message(ex: MissingConfigException) -> str:
     missing = ex.missing_cfg_file or ""
+    plugin = LAUNCHER_PLUGINS.get(missing.removeprefix("hydra/launcher/"))
+    if missing.startswith("hydra/launcher/") and plugin:
+        return f"{missing}: the launcher is not installed; pip install {plugin} (or growrun[launchers])"
     if "/" in missing:
         group, name = missing.rsplit("/", 1)
         allowed = ", ".join(o for o in ex.options or [] if not o.startswith("_")) or "(none)"

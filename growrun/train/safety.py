@@ -49,12 +49,25 @@ class RunLock:
             self.fd = None
 
 
-class StopSignals:
-    """SIGTERM / SIGINT: the first one asks the run to stop after the current step (it then
-    writes a checkpoint and ends with status "interrupted"); a second one ends the process at
-    once (the last complete checkpoint stays). Active only in the main thread."""
+def _preemption_signal() -> int | None:
+    """The signal a scheduler sends before it preempts a job or its time runs out: submitit's
+    convention, SIGUSR2 unless $SUBMITIT_PREEMPT_SIGNAL names another (`#SBATCH --signal`);
+    None where the platform has no such signal."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+PREEMPT_SIGNAL = _preemption_signal()
+
+
+class StopSignals:
+    """SIGTERM / SIGINT / the preemption signal (PREEMPT_SIGNAL, SIGUSR2): the first one asks
+    the run to stop after the current step (it then writes a checkpoint and ends with status
+    "interrupted"); a second one ends the process at once (the last complete checkpoint stays),
+    except SIGTERM and the preemption signal after each other, which SLURM sends together around
+    a preemption: the run still stops after its step, with the preemption signal as the reason
+    (under submitit, growrun.launch then has the job requeued). Active only in the main thread."""
+
+    SIGNALS = tuple(dict.fromkeys(s for s in (signal.SIGTERM, signal.SIGINT, PREEMPT_SIGNAL) if s is not None))
 
     def __init__(self):
         self.received: int | None = None
@@ -72,14 +85,20 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and {signum, self.received} == {signal.SIGTERM, PREEMPT_SIGNAL}:
+            log.warning("%s after %s: still stopping after the current step", name,
+                        signal.Signals(self.received).name)
+            self.received = PREEMPT_SIGNAL
+            return
         if self.received is not None:
-            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            log.warning("second %s: stopping now", name)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.received = signum
         log.warning("%s received: finishing the current step, then writing a checkpoint and stopping "
-                    "(send it again to stop at once)", signal.Signals(signum).name)
+                    "(send it again to stop at once)", name)
 
 
 def config_differences(stored: dict, current: dict) -> list[str]:
