@@ -225,7 +225,8 @@ class _Session:
 
     def _stop_if_asked(self) -> None:
         if self.signals.received is not None:
-            log.warning("stopped at epoch %d, step %d%s; continue with: growrun resume %s", self.trainer.epoch,
+            log.warning("stopped at epoch %d, step %d%s; continue with: growrun resume %s (a submitit job "
+                        "preempted by SIGUSR2 is requeued and continues by itself)", self.trainer.epoch,
                         self.trainer.step, " (checkpoint written)" if self.cfg.trainer.checkpoint else "", self.run_dir)
             raise Interrupted(self.signals.received)
 
