@@ -84,7 +84,7 @@ class Single:
     def share(self, value):
         return value
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         pass
 
 
@@ -138,8 +138,16 @@ class ProcessGroup(Single):
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self):
+    def close(self, clean: bool = True):
+        """Leave the group; after a clean run first wait for every rank (tearing the group down
+        while another rank still uses it aborts that rank: 'terminate called without an active
+        exception')."""
         if tdist.is_initialized():
+            if clean:
+                try:
+                    tdist.barrier()
+                except (RuntimeError, ValueError):
+                    pass
             tdist.destroy_process_group()
 
 

@@ -41,17 +41,20 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
     dist = distributed.connect(runtime.resolve_device(cfg.device))
+    clean = False
     try:
         run_dir = distributed.run_dir_of_rank0(Path(run_dir), dist)
         with _exclusive(cfg, run_dir, dist):
-            return _run_locked(cfg, run_dir, dist)
+            summary = _run_locked(cfg, run_dir, dist)
+        clean = True
+        return summary
     except Exception as ex:
         lost = distributed.lost_peer(ex, dist)
         if lost is None:
             raise
         raise lost from None
     finally:
-        dist.close()
+        dist.close(clean)
 
 
 @contextmanager
