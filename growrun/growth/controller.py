@@ -55,7 +55,7 @@ from growrun.growth.scale import existing_norms, neuron_norms, rebalance, rebala
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_neurons, new_channel_moments
-from growrun.models import count_flops, count_params, full_site_widths
+from growrun.models import count_params, full_site_widths
 from growrun.train.distributed import Single
 from growrun.train.outputs import CsvLog
 
@@ -136,7 +136,7 @@ class GrowthController:
                                                    self.g.line_search.batch_size, self.g.stats_batch_size, gen,
                                                    trainer.memory_format)
         dist = getattr(trainer, "dist", None) or Single()
-        forward = count_flops(model, trainer.data.input_shape)
+        forward = trainer.flops_per_image  # at the width before the event (the trainer keeps it current)
         n_stats, n_search = sum(len(y) for _, y in stats_batches), len(search_batch[1])
         stats_batches, search_batch = [dist.shard(b) for b in stats_batches], dist.shard(search_batch)
         self._mean_loss = self._loss_fn("mean") if not dist.active else _global_mean_loss(self._loss_fn("sum"), dist)

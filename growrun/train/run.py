@@ -200,7 +200,7 @@ class _Session:
         self.total_seconds += seconds
         self.growth_seconds += row["growth_seconds"]
         row.update(epoch=tr.epoch, step=tr.step, lr=tr.current_lr(), params=count_params(self.model),
-                   flops_per_image=count_flops(self.model, self.data.input_shape), train_flops=tr.train_flops,
+                   flops_per_image=tr.flops_per_image, train_flops=tr.train_flops,
                    growth_flops=self._growth_flops(), epoch_seconds=seconds, total_seconds=self.total_seconds)
         row.update({f"width:{n}": s.width for n, s in self.model.sites().items()})
         if "test_acc" in row and not row["test_acc"] <= self.best[0]:
