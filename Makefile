@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_train.py --root $(DATA)
 	$(BIN)/python scripts/bench_data.py --root $(DATA)
 	$(BIN)/python scripts/bench_growth.py
+	$(BIN)/python scripts/bench_growth.py --samples 512
 	$(BIN)/python scripts/bench_memory_format.py
 
 # The TINY paper's Table 1 protocol as a sweep (configs/experiment/table1_$(SCALE).yaml), then

@@ -26,6 +26,7 @@ import torch
 
 from growrun.data import BatchLoader, Split
 from growrun.data.cifar import SPECS, read_cifar, resolve_root
+from machine_info import machine_info
 
 SPEC = SPECS["cifar10"]
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipelines": results, "speedup_vs": speedups,
         "env": {"torch": torch.__version__, "torchvision": _tv_version(), "python": platform.python_version(),
                 "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "machine": platform.machine()},
+                "machine": platform.machine(), "machine_info": machine_info()},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

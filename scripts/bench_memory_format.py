@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from growrun.machine import describe
 from growrun.models import build_model
+from machine_info import machine_info
 
 MODELS = {
     "resnet18 stream 1/4, hidden 1/4": {"stream": [16, 32, 64, 128], "hidden": [16, 16, 32, 32, 64, 64, 128, 128]},
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                          "channels_last_over_contiguous": med["channels_last"] / med["contiguous"]}
         print(f"{name}: channels_last {med['channels_last']:.0f} img/s, contiguous {med['contiguous']:.0f} img/s, "
               f"ratio {results[name]['channels_last_over_contiguous']:.2f}")
-    machine = describe()
+    machine = machine_info()
     entry = {"machine": machine, "threads": args.threads, "batch": args.batch, "steps": args.steps,
              "rounds": args.rounds, "models": results}
     out = Path(args.out)

@@ -31,6 +31,7 @@ from growrun.errors import GrowrunError
 from growrun.models import build_model, initial_arch
 from growrun.train.optim import build_optimizer, build_scheduler
 from growrun.train.trainer import Trainer
+from machine_info import machine_info
 
 
 def config(args, augment: bool):
@@ -116,7 +117,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/train_loop.json")
     args = p.parse_args()
     results = {"model": f"resnet18 width {args.width}", "batch": args.batch, "device": args.device,
-               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine_info(),
                "runs": [measure(args, augment) for augment in (False, True)]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
