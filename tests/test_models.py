@@ -115,3 +115,25 @@ def test_strided_1x1_conv_rewrite_is_the_same_convolution(cin, fmt, padding):
     out.square().sum().backward()
     ref.square().sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,kw", [("resnet18", dict(width=0.125, start_fraction=1 / 32)),
+                                     ("vgg", dict(width=0.125, site_widths=[0, 3, 5, 7])),
+                                     ("mlp", dict(hidden=[5, 0, 4]))])
+def test_cut_before_a_site_is_the_same_forward(name, kw):
+    """forward(x) == forward_from(s, forward_to(s, x)) bit for bit, every site, train and eval
+    mode (what growth's line search relies on to skip the network's front); the FLOPs of the
+    front grow along the network and stay below the whole."""
+    torch.manual_seed(0)
+    model = build_model(initial_arch(model_cfg(name, **kw), 10, (3, 16, 16)))
+    x = torch.randn(6, 3, 16, 16)
+    total, fronts = count_flops(model, (3, 16, 16)), []
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            ref = model(x)
+            for site in model.site_names():
+                assert torch.equal(model.forward_from(site, model.forward_to(site, x)), ref), (site, train)
+    for site in model.site_names():
+        fronts.append(count_flops(model, (3, 16, 16), forward=lambda t, s=site: model.forward_to(s, t)))
+    assert fronts == sorted(fronts) and fronts[0] < fronts[-1] < total

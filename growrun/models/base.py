@@ -31,6 +31,17 @@ class GrowableModel(nn.Module):
     def arch(self) -> dict:
         raise NotImplementedError
 
+    # The network cut before a site, so that growth can evaluate many candidates of one site
+    # without recomputing what comes before it: forward(x) == forward_from(s, forward_to(s, x))
+    # with the same operations (bit-identical). Default: no cut (the whole network follows).
+    def forward_to(self, site: str, x):
+        """The input of the part of the network that holds `site`'s layers."""
+        return x
+
+    def forward_from(self, site: str, z):
+        """The logits from forward_to(site, x)."""
+        return self.forward(z)
+
 
 def scaled(width: float, full: int) -> int:
     """ceil(width * full), the width of a layer at a fraction of the full architecture."""

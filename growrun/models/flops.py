@@ -15,7 +15,9 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def count_flops(model: nn.Module, input_shape: tuple[int, ...], forward=None) -> int:
+    """Forward FLOPs per image of model(x), or of forward(x) when given (a part of the model,
+    e.g. growrun.models.base's forward_to)."""
     total = 0
 
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
@@ -32,7 +34,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     device = param.device if param is not None else torch.device("cpu")
     try:
         model.eval()
-        model(torch.zeros(1, *input_shape, device=device))
+        (forward or model)(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
         for h in handles:

@@ -23,11 +23,23 @@ class MLP(GrowableModel):
         self.norms = nn.ModuleList(BatchNorm1d(h) for h in hidden) if batchnorm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from("fc1", torch.flatten(x, 1))
+
+    def _hidden(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.linears[i](x)
+        return F.relu(self.norms[i](x) if self.norms is not None else x)
+
+    def forward_to(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        """The input of the site's L1 (flattened)."""
         x = torch.flatten(x, 1)
-        for i, linear in enumerate(self.linears[:-1]):
-            x = linear(x)
-            x = F.relu(self.norms[i](x) if self.norms is not None else x)
-        return self.linears[-1](x)
+        for i in range(int(site[2:]) - 1):
+            x = self._hidden(i, x)
+        return x
+
+    def forward_from(self, site: str, z: torch.Tensor) -> torch.Tensor:
+        for i in range(int(site[2:]) - 1, len(self.linears) - 1):
+            z = self._hidden(i, z)
+        return self.linears[-1](z)
 
     def site_names(self) -> list[str]:
         return [f"fc{i + 1}" for i in range(len(self.linears) - 1)]

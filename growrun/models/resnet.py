@@ -67,6 +67,18 @@ class ResNet18(GrowableModel):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
+    def forward_to(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        """The input of the site's block."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        for name in SITE_NAMES[: SITE_NAMES.index(site)]:
+            x = self._block(name)(x)
+        return x
+
+    def forward_from(self, site: str, z: torch.Tensor) -> torch.Tensor:
+        for name in SITE_NAMES[SITE_NAMES.index(site):]:
+            z = self._block(name)(z)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
     def site_names(self) -> list[str]:
         return list(SITE_NAMES)
 

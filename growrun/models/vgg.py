@@ -58,6 +58,17 @@ class VGG(GrowableModel):
             x = stage(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
+    def forward_to(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        """The input of the site's stage."""
+        for stage in self.stages[: SITE_NAMES.index(site)]:
+            x = stage(x)
+        return x
+
+    def forward_from(self, site: str, z: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages[SITE_NAMES.index(site):]:
+            z = stage(z)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
     def site_names(self) -> list[str]:
         return list(SITE_NAMES)
 
