@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from growrun.data import load_data
 from growrun.data.loader import BatchLoader
 from growrun.growth import policy
-from growrun.growth.controller import draw_samples
+from growrun.growth.draws import draw_samples
 from growrun.growth.neurons import propose
 from growrun.growth.site import Neurons, frozen_bn_stats
 from growrun.growth.stats import collect_statistics

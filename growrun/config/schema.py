@@ -84,11 +84,19 @@ class LineSearchConfig:
 
 @dataclass
 class GrowthConfig:
-    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero")
+    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net")
     # when: every dt epochs (fractions allowed) from first_epoch until last_epoch (None: open)
     dt: float = bounded(1.0, 0.0, lo_open=True)
     first_epoch: float = bounded(1.0, 0.0)
     last_epoch: Optional[float] = bounded(None, 0.0)
+    # trigger, checked at each of those events: schedule (always grow) | bottleneck (a site grows
+    # only when its Psi / g2 >= when_threshold) | plateau (grow only when the validation loss,
+    # else the training loss, improved by at most plateau_min_delta over the last
+    # plateau_patience evaluations); growth/policy.py
+    when: str = choices("schedule", "schedule", "bottleneck", "plateau")
+    when_threshold: float = bounded(0.95, 0.0)  # bottleneck: Psi / g2 is in [0, 1]; > 1 never grows
+    plateau_patience: int = bounded(2, 1)
+    plateau_min_delta: float = bounded(0.01, 0.0)  # in loss units (cross-entropy, nats)
     # grow, then train this many more epochs: sets trainer.epochs from the planned growth
     # schedule (neurons=to_target only; None: trainer.epochs as given)
     extra_epochs: Optional[int] = bounded(None, 0)
@@ -106,6 +114,9 @@ class GrowthConfig:
     target_widths: Optional[List[int]] = None
     param_budget: int = bounded(0, 0)  # stop growing past this many parameters (0: no budget)
     samples: int = bounded(1024, 2)  # n, training images the statistics are computed on
+    # statistics from a separate pass over `samples` fresh images before each event, or
+    # recorded on the last ceil(samples / batch_size) training steps before it (no extra pass)
+    stats: str = choices("pass", "pass", "training")
     stats_batch_size: int = bounded(256, 2)  # BatchNorm in training mode needs 2 images per batch
     line_search: LineSearchConfig = field(default_factory=LineSearchConfig)
     apply_dw: bool = False  # also apply the best update dW2* of the existing L2 weights
@@ -115,8 +126,13 @@ class GrowthConfig:
     # fan-ins, fan-out inversely (the same function; growth/scale.py) | as solved and searched
     normalize: str = choices("fan_in", "fan_in", "none")
     gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm
+    net2net_pick: str = choices("random", "random", "largest")  # neurons net2net copies (largest: fan-out norm)
+    net2net_noise: float = bounded(0.0, 0.0)  # net2net: fan-out noise, relative (the function is kept)
     noise_sigmas: float = bounded(2.0, 0.0)  # adaptive: keep lambda_k^2 above this many noise SDs
     rel_eps: float = bounded(1e-7, 0.0, 1.0, lo_open=True)  # relative eigenvalue threshold
+    # where the float64 solves run: auto (CPU models: the CPU; CUDA: the faster of GPU and CPU at a
+    # float64 matmul, timed once per process) | model (its device; MPS: CPU) | cpu; growth/solve_device.py
+    solve_device: str = choices("auto", "auto", "model", "cpu")
 
 
 @dataclass

@@ -24,7 +24,10 @@ def validate(cfg: DictConfig) -> None:
     if g.extra_epochs is not None and (g.method == "none" or g.neurons != "to_target"):
         raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: needs a growth method with growth.neurons=to_target "
                            f"(here method={g.method}, neurons={g.neurons}); otherwise set trainer.epochs")
-    if g.apply_dw and g.method in ("gradmax", "zero"):
+    if g.extra_epochs is not None and g.when != "schedule":
+        raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: plans the run length from the growth schedule, "
+                           f"which growth.when={g.when} may skip; use growth.when=schedule or set trainer.epochs")
+    if g.apply_dw and g.method in ("gradmax", "zero", "net2net"):
         raise GrowrunError(f"growth.apply_dw=true: not with growth.method={g.method}, which inserts without a line "
                            f"search (function preserving), so dW2* would get no amplitude; use growth.apply_dw=false "
                            f"or growth.method=tiny|tiny_noproj|random")

@@ -5,7 +5,8 @@
        (seeded by (seed, event): a resumed run redraws the same ones), no augmentation; on a
        training set too small for both, both draws shrink (policy.draw_sizes);
     2. one statistics pass over the sites that may grow (below their target, and at least one
-       neuron within growth.param_budget);
+       neuron within growth.param_budget); with growth.stats=training no pass: the sums were
+       recorded on the last training steps (growrun.growth.stats_training, opened by `watch`);
     3. per chosen site: propose neurons (growrun.growth.neurons), cap them by the budget left,
        measure the new channels' moments for BatchNorm, line-search gamma
        (growrun.growth.linesearch), insert them (growrun.growth.surgery) with the optimizer
@@ -17,20 +18,30 @@ A site may get fewer neurons than the schedule requested, 0 included; the row's 
 the first stage that cut the count: "adaptive" (the adaptive rule kept fewer), "rank" (fewer
 directions above the solver's threshold), "budget" (growth.param_budget), "no_gain" (the line
 search found no gamma that lowers the loss), "nonfinite" / "degenerate" (the site's statistics
-hold NaN or inf / a zero gradient: that site is not grown at this event, training goes on);
-"" when all requested neurons were added.
+hold NaN or inf / a zero gradient: that site is not grown at this event, training goes on),
+"trigger" (growth.when did not fire: the site's Psi / g2 below growth.when_threshold, or no
+plateau of the monitored loss; policy.bottleneck_fires / plateau_fires); "" when all requested
+neurons were added. The row's `trigger` names what fired (schedule / bottleneck / plateau; ""
+when it did not). A plateau check that does not fire skips the event's statistics pass.
 
 With several ranks (trainer.dist, growrun.train.distributed) each rank takes its share of the
 statistics batches and of the line-search batch, the statistics (sums) are summed across ranks
 and every line-search loss is the global batch's mean, so all ranks take the same decisions;
 only rank 0 writes growth.csv.
 
-Compute (`flops`, cumulative, in the state): per event, at the width before it, with F the
-forward FLOPs per image: 3 F per statistics sample (forward and backward), F per sample of each
-BatchNorm moments pass, F per line-search image per loss evaluated (the search's evaluations
-and the loss after insertion).
+The line-search batch runs through the network's front (before the site's block) once per
+site, and each loss the search evaluates from the block on (models' forward_to / forward_from:
+the same numbers, less compute); a site's L(0) is the loss measured after the site before it.
 
-Function-preserving methods (gradmax, zero) skip the line search: gamma = 1, their fan-out
+Compute (`flops`, cumulative, in the state), with F the forward FLOPs per image at the width
+before the event and F_front / F_rest those of a site's front / the rest when it is grown:
+3 F per statistics sample of the pass (none with growth.stats=training, where the training
+step is the forward and backward), F_front per sample of each BatchNorm moments pass over the
+statistics draw (with growth.stats=training the moments come from the search batch's front,
+already computed), F_front per line-search image and site, F_rest per line-search image per loss
+evaluated (the search's evaluations and the loss after insertion).
+
+Function-preserving methods (gradmax, zero, net2net) skip the line search: gamma = 1, their fan-out
 scale is their own. Statistics and line search run in training mode (the mode training
 continues in) without touching BatchNorm running statistics.
 """
@@ -49,50 +60,29 @@ from growrun import faults
 from growrun.data.loader import derive_seed
 from growrun.growth import policy
 from growrun.growth.adaptive import adaptive_count
+from growrun.growth.draws import draw_samples, global_mean_loss, log_draw_sizes, measure, split_at
 from growrun.growth.linesearch import SearchResult, line_search
-from growrun.growth.neurons import Proposal, propose
+from growrun.growth.neurons import Proposal, net2net_copies, propose
 from growrun.growth.scale import existing_norms, neuron_norms, rebalance, rebalance_factors
 from growrun.growth.site import frozen_bn_stats
+from growrun.growth import stats_training
 from growrun.growth.stats import collect_statistics
-from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_neurons, new_channel_moments
-from growrun.models import count_params, full_site_widths
+from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_copies, insert_neurons, new_channel_moments
+from growrun.models import count_flops, count_params, full_site_widths
 from growrun.train.distributed import Single
 from growrun.train.outputs import CsvLog
 
 log = logging.getLogger("growrun")
 _GROWTH_STREAM = 0x67726F77
-FUNCTION_PRESERVING = ("gradmax", "zero")
+FUNCTION_PRESERVING = ("gradmax", "zero", "net2net")
 COLUMNS = [
-    "event", "epoch", "step", "site", "method", "requested", "added", "reason", "width_after", "params_after",
+    "event", "epoch", "step", "site", "method", "samples", "requested", "added", "reason", "trigger", "width_after",
+    "params_after",
     "psi", "d_w", "lambdas_top", "bottleneck_gain", "first_order", "gamma", "predicted_gain",
     "loss_before", "loss_candidate", "loss_after", "measured_gain",
     "fanin_norm", "fanin_ref", "fanout_norm", "fanout_ref",
     "stats_seconds", "solve_seconds", "search_seconds",
 ]
-
-
-def draw_samples(split, normalize, n_stats: int, n_search: int, batch_size: int, gen: torch.Generator,
-                 memory_format: torch.memory_format):
-    """Statistics batches (of batch_size; a last batch of one image joins the one before) and
-    the held line-search batch: disjoint, drawn by gen from the split, normalised, not
-    augmented; both shrunk by policy.draw_sizes when the split cannot hold them."""
-    n_stats, n_search = policy.draw_sizes(len(split), n_stats, n_search)
-    order = torch.randperm(len(split), generator=gen)[: n_stats + n_search].to(split.images.device)
-
-    def batch(idx):
-        x = normalize(split.images.index_select(0, idx))
-        return x.contiguous(memory_format=memory_format), split.labels.index_select(0, idx)
-
-    return [batch(idx) for idx in _chunks(order[:n_stats], batch_size)], batch(order[n_stats:])
-
-
-def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """idx in chunks of `size`; a last chunk of a single entry is merged into the one before
-    (BatchNorm in training mode needs 2 values per channel)."""
-    chunks = list(idx.split(size))
-    if len(chunks) > 1 and chunks[-1].numel() == 1:
-        chunks[-2:] = [torch.cat(chunks[-2:])]
-    return chunks
 
 
 class GrowthController:
@@ -109,7 +99,14 @@ class GrowthController:
         self.model = model  # grown in place: the same object for the whole run
         self.log = CsvLog(run_dir / "growth.csv", COLUMNS)
         self.writes = True  # start_log(write=False) on ranks other than 0
-        _log_draw_sizes(self.g, n_train)
+        self.training_stats = self.g.stats == "training"
+        self.windows = stats_training.window_starts(self.schedule, self.g.samples, cfg.trainer.batch_size) \
+            if self.training_stats else {}
+        self.recording: stats_training.TrainingStats | None = None  # the open window's statistics
+        self._window_state: dict | None = None  # a resumed window's partial sums (attached by watch)
+        log_draw_sizes(self.g, n_train)
+        self.losses: list[float] = []  # growth.when=plateau: the monitored loss of every evaluated epoch
+        self.plateau_used = 0  # len(self.losses) when the plateau trigger last fired
 
     # --- the trainer's interface -------------------------------------------------------------
     def start_log(self, keep_until_step: int | None, write: bool = True) -> None:
@@ -121,34 +118,77 @@ class GrowthController:
     def due(self, step: int) -> bool:
         return step in self.schedule and bool(self._growable_names())
 
+    def watch(self, step: int) -> None:
+        """Before the forward of optimizer step `step` (growth.stats=training): open the next
+        event's statistics window when `step` starts it (stats_training.window_starts)."""
+        if self.recording is None and self._window_state is not None:  # resumed inside a window
+            state, self._window_state = self._window_state, None
+            sites = self.model.sites()
+            self.recording = stats_training.TrainingStats([sites[n] for n in state], state=state)
+        elif self.recording is None and step in self.windows:
+            pending = self._growable_names()
+            if pending:
+                names = policy.pick_sites(self.g.sites, pending, self.names, self.turn) \
+                    if self.g.sites != "best_gain" else pending
+                sites = self.model.sites()
+                self.recording = stats_training.TrainingStats([sites[n] for n in names])
+        if self.recording is not None:
+            self.recording.attach()
+
     def state_dict(self) -> dict:
-        return {"event": self.event, "turn": self.turn, "start": dict(self.start), "flops": self.flops}
+        window = self.recording.state_dict() if self.recording is not None else self._window_state
+        return {"event": self.event, "turn": self.turn, "start": dict(self.start), "flops": self.flops,
+                "window": window, "losses": list(self.losses), "plateau_used": self.plateau_used}
 
     def load_state_dict(self, state: dict) -> None:
         self.event, self.turn, self.start = state["event"], state["turn"], dict(state["start"])
         self.flops = state.get("flops", 0)  # absent in older checkpoints
+        if self.recording is not None:
+            self.recording.detach()
+        self.recording, self._window_state = None, state.get("window")
+        self.losses, self.plateau_used = list(state.get("losses", [])), state.get("plateau_used", 0)  # absent: older
+
+    def record_loss(self, row: dict, has_val: bool) -> None:
+        """After an epoch's evaluation (the run loop): the loss growth.when=plateau monitors
+        (policy.plateau_loss: validation, else training)."""
+        loss = policy.plateau_loss(row, has_val)
+        if loss is not None and math.isfinite(loss):
+            self.losses.append(float(loss))
 
     def grow(self, trainer) -> float:
         started = time.time()
+        if self.g.when == "plateau" and not self._plateau_fires():
+            return self._skip_event(trainer, started)
         model = trainer.model
         gen = torch.Generator().manual_seed(derive_seed(_GROWTH_STREAM, self.cfg.seed, self.event))
-        stats_batches, search_batch = draw_samples(trainer.data.train, trainer.train_loader.normalize, self.g.samples,
-                                                   self.g.line_search.batch_size, self.g.stats_batch_size, gen,
-                                                   trainer.memory_format)
+        recording, self.recording = self.recording, None
+        if self.training_stats and recording is None:
+            log.info("growth %d: no statistics were recorded during training (resumed from an older checkpoint?); "
+                     "a statistics pass replaces them", self.event + 1)
+        stats_batches, search_batch = draw_samples(trainer.data.train, trainer.train_loader.normalize,
+                                                   0 if recording else self.g.samples, self.g.line_search.batch_size,
+                                                   self.g.stats_batch_size, gen, trainer.memory_format)
         dist = getattr(trainer, "dist", None) or Single()
         forward = trainer.flops_per_image  # at the width before the event (the trainer keeps it current)
         n_stats, n_search = sum(len(y) for _, y in stats_batches), len(search_batch[1])
         stats_batches, search_batch = [dist.shard(b) for b in stats_batches], dist.shard(search_batch)
-        self._mean_loss = self._loss_fn("mean") if not dist.active else _global_mean_loss(self._loss_fn("sum"), dist)
+        self._mean_loss = self._loss_fn("mean") if not dist.active else global_mean_loss(self._loss_fn("sum"), dist)
         sites = model.sites()
         pending = self._growable_names()
         grow_now = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" else pending
         t0 = time.time()
-        stats = collect_statistics(model, [sites[n] for n in grow_now], stats_batches, self._loss_fn("sum"),
-                                   conv_fanout=self.g.conv_fanout)
+        if recording is not None:  # growth.stats=training: the window's sums
+            window_seconds = recording.seconds
+            stats = recording.finish()
+            grow_now = [n for n in stats if n in pending]
+            started -= window_seconds  # the products added during the window are growth time too
+        else:
+            window_seconds = 0.0
+            stats = collect_statistics(model, [sites[n] for n in grow_now], stats_batches, self._loss_fn("sum"),
+                                       conv_fanout=self.g.conv_fanout)
         for site_stats in stats.values():
             dist.sum_(site_stats.tensors())
-        stats_seconds = (time.time() - t0) / max(1, len(grow_now))
+        stats_seconds = (time.time() - t0 + window_seconds) / max(1, len(grow_now))
         faults.reach("stats")
         proposals, trails, solve_seconds = {}, {}, {}
         for name in grow_now:
@@ -158,12 +198,18 @@ class GrowthController:
         if self.g.sites == "best_gain":
             scores = {n: _score(p, sites[n]) for n, p in proposals.items()}
             grow_now = policy.pick_sites("best_gain", pending, self.names, self.turn, scores)
-        rows = [self._grow_site(model, sites[n], proposals[n], trails[n], stats_batches, search_batch, trainer)
-                for n in grow_now]
+        moment_batches = [x for x, _ in stats_batches] if recording is None else None
+        rows, base = [], None  # a site's L(0) is the loss after the site before it (same batch and model)
+        for n in grow_now:
+            rows.append(self._grow_site(model, sites[n], proposals[n], trails[n], moment_batches, search_batch,
+                                        trainer, base))
+            base = rows[-1]["loss_after"]
         for row, name in zip(rows, grow_now):
-            row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name])
-        passes = 3 * n_stats + sum(n_stats * r.pop("_moments") + n_search * (r.pop("_evaluations") + 1) for r in rows)
-        self.flops += forward * passes
+            row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name], samples=stats[name].n)
+        for row, name in zip(rows, grow_now):  # growth.when: the trigger that fired ("" if it did not)
+            row["trigger"] = "" if any(stage == "trigger" for stage, _ in trails[name]) else self.g.when
+        self.flops += 3 * forward * n_stats + sum(n_search * r.pop("_search_flops") + n_stats * r.pop("_moment_flops")
+                                                  for r in rows)
         if self.writes:
             self.log.append(rows)
         if self.g.sites == "round_robin" and grow_now:
@@ -175,6 +221,34 @@ class GrowthController:
         return time.time() - started
 
     # --- one event -----------------------------------------------------------------------------
+    def _plateau_fires(self) -> bool:
+        """growth.when=plateau at this check (policy.plateau_fires); remembers when it fired."""
+        fired = policy.plateau_fires(self.losses, self.g.plateau_patience, self.g.plateau_min_delta, self.plateau_used)
+        if fired:
+            self.plateau_used = len(self.losses)
+        return fired
+
+    def _skip_event(self, trainer, started: float) -> float:
+        """A scheduled event whose trigger (growth.when=plateau) did not fire: no statistics, no
+        neuron; one growth.csv row (added 0, reason "trigger") per site it would have considered."""
+        if self.recording is not None:  # growth.stats=training: the window's sums are not used
+            self.recording.detach()
+            self.recording = None
+        pending = self._growable_names()
+        names = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" \
+            else pending
+        sites, params = self.model.sites(), count_params(self.model)
+        rows = [{"event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,
+                 "site": n, "method": self.g.method, "added": 0, "reason": "trigger", "trigger": "",
+                 "requested": policy.requested_count(self.g, sites[n].width, self.start[n], self.targets[n]),
+                 "width_after": sites[n].width, "params_after": params} for n in names]
+        if self.writes:
+            self.log.append(rows)
+        self.event += 1
+        log.info("growth %d at step %d: not grown, growth.when=plateau did not fire (%.1fs)", self.event, trainer.step,
+                 time.time() - started)
+        return time.time() - started
+
     def _growable_names(self) -> list[str]:
         """Sites below their target width for which growth.param_budget leaves one neuron."""
         params = count_params(self.model)
@@ -202,30 +276,48 @@ class GrowthController:
                                max_count=k, rel_eps=g.rel_eps)
             trail.append(("adaptive", k))
         proposal = propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
-                           rel_eps=g.rel_eps, generator=gen)
+                           rel_eps=g.rel_eps, generator=gen, net2net_pick=g.net2net_pick, net2net_noise=g.net2net_noise,
+                           solve_device=g.solve_device)
         trail.append(("rank", proposal.count))
+        if g.when == "bottleneck" and not unusable and \
+                not policy.bottleneck_fires(proposal.psi, float(stats.g2) / max(stats.n, 1), g.when_threshold):
+            proposal = proposal.take(0)  # the trigger comes first: every later stage has 0
+            trail = [trail[0], ("trigger", 0), *((stage, 0) for stage, _ in trail[1:])]
         return proposal, trail
 
-    def _grow_site(self, model, site, proposal: Proposal, trail: list, stats_batches, search_batch, trainer) -> dict:
-        """Cap by the budget left, search gamma, insert; the site's growth.csv row."""
+    def _grow_site(self, model, site, proposal: Proposal, trail: list, moment_batches, search_batch, trainer,
+                   base: float | None = None) -> dict:
+        """Cap by the budget left, search gamma, insert; the site's growth.csv row. The search
+        batch runs through the front of the network once (model.forward_to) and every loss
+        from the site's block on (model.forward_from). BatchNorm moments of the new channels:
+        from moment_batches (the statistics draw), or with None from the search batch. base: the
+        search batch's loss now, if known."""
         t0 = time.time()
         cap = policy.affordable(self.g, count_params(model), site.params_per_neuron())
         if cap is not None and cap < proposal.count:
             proposal = proposal.take(cap)
         trail = [*trail, ("budget", proposal.count)]
         neurons = fit_to_site(site, proposal.neurons)
-        moments = new_channel_moments(model, site, neurons, [x for x, _ in stats_batches]) \
-            if site.bn is not None and neurons.count else None
-        found = self._search(model, site, proposal, neurons, moments, search_batch)
+        front, rest = split_at(model, site.name)
+        with torch.no_grad(), frozen_bn_stats(model):
+            z = front(search_batch[0])
+        search = (z, search_batch[1])
+        moments = None
+        if site.bn is not None and neurons.count and proposal.copy_of is None:  # net2net copies its BN channels
+            moments = new_channel_moments(model, site, neurons, moment_batches) if moment_batches is not None \
+                else new_channel_moments(model, site, neurons, [z], forward=rest)
+        found = self._search(model, site, proposal, neurons, moments, search, rest, base)
         faults.reach("search")
         added = neurons.count if found.gamma > 0 else 0
         trail.append(("no_gain", added))
         width, (fanin_ref, fanout_ref) = site.width, existing_norms(site)
+        shape = trainer.data.input_shape
+        f_front, f_all = count_flops(model, shape, forward=front), count_flops(model, shape)
         if added:
             self._insert(site, proposal, neurons, moments, found.gamma, trainer.optimizer)
         fanin, fanout = neuron_norms(site.l1.weight[width:], site.l2.weight[:, width:])
         search_seconds = time.time() - t0
-        loss_after = _measure(model, search_batch, self._mean_loss)
+        loss_after = measure(model, search, self._mean_loss, rest)
         return {
             "event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,
             "site": site.name, "method": self.g.method, "requested": trail[0][1], "added": added,
@@ -237,28 +329,38 @@ class GrowthController:
             "loss_candidate": found.loss_at_gamma, "loss_after": loss_after,
             "measured_gain": found.loss_before - loss_after, "fanin_norm": fanin, "fanin_ref": fanin_ref,
             "fanout_norm": fanout, "fanout_ref": fanout_ref, "search_seconds": search_seconds,
-            "_moments": int(moments is not None), "_evaluations": found.evaluations,  # compute, not logged
+            # compute (see the module doc), not logged
+            "_search_flops": f_front + (f_all - f_front) * (found.evaluations + 1),
+            "_moment_flops": f_front if moments is not None and moment_batches is not None else 0,
         }
 
     def _slope(self, proposal: Proposal) -> float:
         """Predicted mean-loss change per gamma^2 of what is inserted (with dW2* if applied)."""
         return proposal.first_order - (proposal.d_w if self.g.apply_dw else 0.0)
 
-    def _search(self, model, site, proposal: Proposal, neurons, moments, search_batch) -> SearchResult:
+    def _search(self, model, site, proposal: Proposal, neurons, moments, search_batch, forward,
+                base: float | None) -> SearchResult:
         """gamma by line search; function-preserving methods: gamma = 1 (no search)."""
         g, loss_mean = self.g, self._mean_loss
         if g.method in FUNCTION_PRESERVING:  # the function does not change
-            before = _measure(model, search_batch, loss_mean)
-            return SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, 1)
+            before = base if base is not None else measure(model, search_batch, loss_mean, forward)
+            return SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, int(base is None))
         update = self._update_fn(site, proposal) if g.apply_dw else None
         return line_search(model, site, neurons, moments, self._slope(proposal), search_batch, loss_mean,
-                           g.line_search, update, g.bn_init)
+                           g.line_search, update, g.bn_init, forward=forward, base=base)
 
     def _insert(self, site, proposal: Proposal, neurons, moments, gamma: float, optimizer) -> None:
         """What the line search evaluated at gamma: L2 += gamma^2 dW2* on the existing columns
         (growth.apply_dw), then the neurons at amplitude gamma (moments gamma m, gamma^2 v);
         growth.normalize=fan_in rebalances them first (fan-in c_k times, fan-out 1 / c_k, moments
-        c_k m, c_k^2 v: the same function, growrun.growth.scale)."""
+        c_k m, c_k^2 v: the same function, growrun.growth.scale). net2net: the copies as made from
+        the weights now, the originals' fan-outs split, BN channels copied; never rebalanced (a
+        copy's fan-in already has its original's norm, and its copied BN running statistics would
+        no longer match a rescaled fan-in)."""
+        if proposal.copy_of is not None:
+            copies, l2_weight = net2net_copies(site, proposal.copy_of, proposal.copy_noise)
+            insert_copies(site, proposal.copy_of, copies, l2_weight, optimizer)
+            return
         if self.g.apply_dw:
             apply_weight_update(site, proposal.dw2, proposal.db2, gamma * gamma)
         neurons = neurons.scaled(gamma)
@@ -287,17 +389,6 @@ class GrowthController:
         return update
 
 
-def _global_mean_loss(loss_sum, dist):
-    """The mean loss over every rank's share of a batch: sum of the shares' sums / their count."""
-    def loss(logits, y):
-        totals = [loss_sum(logits, y).detach().double(), torch.tensor(float(y.shape[0]), dtype=torch.float64,
-                                                                        device=logits.device)]
-        dist.sum_(totals)
-        return totals[0] / totals[1]
-
-    return loss
-
-
 def _unusable(stats, method: str) -> str:
     """Why a site's statistics cannot be used: "nonfinite" (NaN / inf anywhere), "degenerate"
     (zero gradient energy g2: nothing for tiny / tiny_noproj / gradmax to fit), or "" if fine."""
@@ -321,22 +412,7 @@ def _cut_reason(trail: list[tuple[str, int]]) -> str:
     return ""
 
 
-def _log_draw_sizes(g, n_train: int) -> None:
-    """Check up front that the training set holds both growth draws; say so when they shrink."""
-    n_stats, n_search = policy.draw_sizes(n_train, g.samples, g.line_search.batch_size)
-    if (n_stats, n_search) != (g.samples, g.line_search.batch_size):
-        log.info("growth draws shrunk to the %d training images: %d statistics samples (growth.samples=%d), "
-                 "%d line-search images (growth.line_search.batch_size=%d)", n_train, n_stats, g.samples,
-                 n_search, g.line_search.batch_size)
-
-
 def _score(proposal: Proposal, site) -> float:
     """Expected first-order gain per added parameter (best_gain site choice)."""
     gain = proposal.bottleneck_gain if proposal.bottleneck_gain > 0 else -proposal.first_order
     return gain / max(1, proposal.count * site.params_per_neuron()) if proposal.count else -math.inf
-
-
-@torch.no_grad()
-def _measure(model, batch, loss_fn) -> float:
-    with frozen_bn_stats(model):
-        return float(loss_fn(model(batch[0]), batch[1]))

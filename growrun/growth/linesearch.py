@@ -12,6 +12,11 @@ of a held batch, evaluated with the candidate neurons attached by hooks (no modu
 until the loss has decreased and stops improving; the best gamma seen wins. When no tried
 gamma lowers the loss, gamma = 0: no growth at this site. No neurons, or a slope p >= 0 (no
 first-order decrease): gamma = 0 at once, L(0) measured only.
+
+`forward` (default: the model) maps the batch's inputs to logits; the controller passes the
+part of the network from the site's block on, with the batch's inputs already run through the
+part before it (growrun.models.base forward_to / forward_from): the same losses, bit for bit,
+without recomputing the unchanged front of the network for every gamma.
 """
 from __future__ import annotations
 
@@ -38,14 +43,19 @@ class SearchResult:
 @torch.no_grad()
 def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: float,
                 batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable, cfg,
-                update: Callable[[float], None] | None = None, bn_init: str = "unit") -> SearchResult:
+                update: Callable[[float], None] | None = None, bn_init: str = "unit",
+                forward: Callable | None = None, base: float | None = None) -> SearchResult:
     """Choose gamma for `neurons` at `site` (see module doc). slope = p (per gamma^2, < 0 for a
     descent direction). `update(scale)` sets L2 to its original weights + scale * dW2* (so
-    update(0) restores them exactly) when the best update is applied with the neurons."""
+    update(0) restores them exactly) when the best update is applied with the neurons. `base`:
+    L(0) when already measured on this batch (not evaluated again; not counted in evaluations)."""
     x, y = batch
+    forward = forward or model
     if neurons.count == 0 or not slope < 0:  # nothing to try (no moments are needed then)
+        if base is not None:
+            return SearchResult(0.0, base, base, 0.0, 0)
         with frozen_bn_stats(model):
-            base = float(loss_fn(model(x), y))
+            base = float(loss_fn(forward(x), y))
         return SearchResult(0.0, base, base, 0.0, 1)
     mean, var = moments if moments is not None else (None, None)
     with frozen_bn_stats(model), candidate(site, neurons, mean, var, bn_init) as cand:
@@ -54,14 +64,15 @@ def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: 
             if update is not None:
                 update(gamma * gamma)
             try:
-                return float(loss_fn(model(x), y))
+                return float(loss_fn(forward(x), y))
             finally:
                 if update is not None:
                     update(0.0)
 
-        base = loss_at(0.0)
+        evaluations = int(base is None)
+        base = loss_at(0.0) if base is None else base
         gamma = min(cfg.max_gamma, math.sqrt(base / (2 * -slope)))
-        best_gamma, best_loss, evaluations = 0.0, base, 1
+        best_gamma, best_loss = 0.0, base
         for _ in range(cfg.max_iter):
             loss = loss_at(gamma)
             evaluations += 1

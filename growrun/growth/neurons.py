@@ -21,6 +21,23 @@ Methods
     centre tap like every other method). Then omega_k -> -omega_k wherever alpha_k^T M1 omega_k
     > 0: the same random direction with the sign whose first-order loss change is <= 0.
   * zero: fan-in as random, fan-out 0 (function preserving, first order 0).
+  * net2net (Net2WiderNet, Chen, Goodfellow, Shlens, ICLR 2016): each new neuron copies an
+    existing neuron j of the site (Proposal.copy_of): its L1 row (+ bias) and, at insertion, its
+    BatchNorm channel (weight, bias, running mean / variance: surgery.insert_copies), so the copy
+    computes exactly j's activation, in training mode (identical batch statistics) and in eval
+    mode. The fan-out W2[:, j] (conv: the whole input-channel kernel slice) is split among the
+    r_j = 1 + (copies of j) replicas: each gets W2[:, j] / r_j, so the function is unchanged
+    (first order 0, no line search, gamma = 1). Which neurons are copied
+    (growth.net2net_pick): "random" (a random permutation of the site's neurons, cycled when
+    more neurons are requested than exist: spread without replacement as far as possible) or
+    "largest" (the neurons by decreasing fan-out norm |W2[:, j]|, ties by index, cycled).
+    Symmetry-breaking noise (growth.net2net_noise = s > 0): copy k of j gets W2[:, j] / r_j +
+    e_k and j itself W2[:, j] / r_j - sum_k e_k, e_k ~ N(0, (s rms(W2[:, j] / r_j))^2) per entry:
+    the replicas' fan-outs differ (so do their gradients) while their sum, hence the function,
+    stays exactly the same (the paper's noise on the new fan-ins would change the function).
+    Copies are made from the site's weights at insertion (net2net_copies), so a neighbouring site
+    grown earlier in the same event is copied as it is then. A site of width 0 has nothing to
+    copy (refused up front: growrun/config/growable.py).
 """
 from __future__ import annotations
 
@@ -32,10 +49,12 @@ import torch
 
 from .site import Neurons, Site
 from .solve import best_update, bottleneck, gradmax_directions, tiny_matrix, tiny_solve
+from .solve_device import moved, solve_device as pick_solve_device
 from .stats import SiteStats
 from .unfold import site_dims
 
-METHODS = ("tiny", "tiny_noproj", "gradmax", "random", "zero")
+METHODS = ("tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net")
+NET2NET_PICKS = ("random", "largest")
 SLOPE_AT_ZERO = {"relu": 1.0, "identity": 1.0}
 
 
@@ -51,6 +70,10 @@ class Proposal:
     per_neuron: its terms s0 * alpha_k^T M1 omega_k, one per neuron (float64).
     psi, d_w: the site's bottleneck Psi = g2 - d_W and the best update's first-order gain d_W.
     dw2, db2: the best update dW2* of L2's weight (L2's weight shape) and bias (or None).
+    copy_of: net2net only: the existing neuron each new neuron copies (int64, K); the neurons
+      are then made from the site's weights at insertion (net2net_copies).
+    copy_noise: net2net only: the fan-out noise, relative (growth.net2net_noise times N(0, 1)
+      draws, L2's weight shape with K input units), or None.
     """
 
     method: str
@@ -63,6 +86,8 @@ class Proposal:
     dw2: torch.Tensor
     db2: torch.Tensor | None
     per_neuron: torch.Tensor
+    copy_of: torch.Tensor | None = None
+    copy_noise: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -74,7 +99,9 @@ class Proposal:
         k = max(0, min(int(k), self.count))
         per = self.per_neuron[:k]
         return dataclasses.replace(self, neurons=self.neurons.take(k), per_neuron=per, first_order=float(per.sum()),
-                                   bottleneck_gain=float(self.lambdas[:k].square().sum()))
+                                   bottleneck_gain=float(self.lambdas[:k].square().sum()),
+                                   copy_of=None if self.copy_of is None else self.copy_of[:k],
+                                   copy_noise=None if self.copy_noise is None else self.copy_noise[:, :k])
 
 
 def to_neurons(site: Site, alpha: torch.Tensor, omega: torch.Tensor) -> Neurons:
@@ -110,10 +137,13 @@ def _he(shape, fan_in: int, generator) -> torch.Tensor:
 
 def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanout: str = "center",
             gradmax_scale: float = 0.5, rel_eps: float = 1e-7,
-            generator: torch.Generator | None = None) -> Proposal:
+            generator: torch.Generator | None = None, net2net_pick: str = "random",
+            net2net_noise: float = 0.0, solve_device: str = "auto") -> Proposal:
     """Neurons of `method` for `site` from its statistics (see the module doc for each method)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; allowed: {METHODS}")
+    if net2net_pick not in NET2NET_PICKS:
+        raise ValueError(f"net2net_pick={net2net_pick!r}; allowed: {', '.join(NET2NET_PICKS)}")
     if conv_fanout not in ("center", "full"):
         raise ValueError(f"conv_fanout={conv_fanout!r}; allowed: center, full")
     if conv_fanout == "full" and site.is_conv:
@@ -122,7 +152,8 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
         raise ValueError(f"site {site.name}: statistics have dims {stats.dims}, the site needs "
                          f"{site_dims(site)} (stale statistics?)")
     count = max(int(count), 0)
-    ns = stats.normalized()
+    # float64 solves on growth.solve_device (solve_device.py); the Proposal comes back on the site's device
+    ns = moved(stats.normalized(), pick_solve_device(stats.S1.device, solve_device))
     s0 = SLOPE_AT_ZERO[site.activation]
     dev = ns.S1.device
     dW2T, d_w = best_update(ns.S2, ns.M2, rel_eps)
@@ -130,6 +161,8 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
     d1, _, m = stats.dims
     lambdas = torch.zeros(0, dtype=torch.float64)
     gain = 0.0
+    if method == "net2net":
+        return _net2net_proposal(site, count, net2net_pick, net2net_noise, generator, psi, d_w, dW2T)
     if method in ("tiny", "tiny_noproj"):
         N = tiny_matrix(ns.M1, ns.P, dW2T) if method == "tiny" else tiny_matrix(ns.M1)
         sol = tiny_solve(ns.S1, N, ns.M1, count, rel_eps=rel_eps, s0=s0, g2=ns.g2)
@@ -151,11 +184,89 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
             per = (alpha @ ns.M1 * omega).sum(1)  # alpha_k^T M1 omega_k
             omega = torch.where((per > 0).unsqueeze(1), -omega, omega)
     per_neuron = s0 * (alpha @ ns.M1.to(alpha) * omega).sum(1)  # s0 alpha_k^T M1 omega_k
+    dw2, db2 = _best_update_tensors(site, dW2T)
+    return Proposal(method, to_neurons(site, alpha, omega), lambdas.to(dw2.device), gain, float(per_neuron.sum()),
+                    psi, d_w, dw2, db2, per_neuron.to(dw2.device))
+
+
+def _best_update_tensors(site: Site, dW2T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dW2*^T (d2, m) -> (dW2* in L2's weight shape, its bias part or None), on L2's device and dtype."""
     D = dW2T.T  # (m, d2)
     db2 = None
     if site.l2.bias is not None:
         db2, D = D[:, -1], D[:, :-1]
     wdev, wdt = site.l2.weight.device, site.l2.weight.dtype
-    dw2 = D.reshape(site.l2.weight.shape).to(wdev, wdt)
-    return Proposal(method, to_neurons(site, alpha, omega), lambdas.to(wdev), gain, float(per_neuron.sum()), psi, d_w,
-                    dw2, None if db2 is None else db2.to(wdev, wdt), per_neuron)
+    return D.reshape(site.l2.weight.shape).to(wdev, wdt), None if db2 is None else db2.to(wdev, wdt)
+
+
+# --- net2net (Net2WiderNet) ---------------------------------------------------------------------
+
+def _fanout_norms(site: Site) -> torch.Tensor:
+    """|W2[:, j]| per existing neuron j (conv: the whole kernel slice), float64."""
+    W2 = site.l2.weight.detach().to(torch.float64)
+    return W2.transpose(0, 1).reshape(site.width, -1).norm(dim=1)
+
+
+def net2net_sources(site: Site, count: int, pick: str = "random",
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The existing neuron each of `count` new neurons copies (int64 on L1's device): an order of
+    the site's neurons (random: a permutation drawn by `generator`; largest: by decreasing fan-out
+    norm, ties by index), cycled when count exceeds the width."""
+    if pick not in NET2NET_PICKS:
+        raise ValueError(f"net2net_pick={pick!r}; allowed: {', '.join(NET2NET_PICKS)}")
+    dev = site.l1.weight.device
+    count = max(int(count), 0)
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long, device=dev)
+    if site.width == 0:
+        raise ValueError(f"site {site.name}: net2net copies existing neurons; a site of width 0 has none")
+    if pick == "largest":
+        order = torch.argsort(-_fanout_norms(site), stable=True)
+    else:
+        gdev = generator.device if generator is not None else "cpu"
+        order = torch.randperm(site.width, generator=generator, device=gdev)
+    return order.to(dev)[torch.arange(count, device=dev) % site.width]
+
+
+def net2net_copies(site: Site, sources: torch.Tensor,
+                   noise: torch.Tensor | None = None) -> tuple[Neurons, torch.Tensor]:
+    """(the new neurons, the new value of L2's weight) for copies of the site's neurons
+    `sources`, from the site's current weights (module doc): fan-in rows and bias entries copied,
+    every replica of j (j and its copies) with fan-out W2[:, j] / r_j. `noise` (relative, L2's
+    weight shape with len(sources) input units; fewer output rows are zero-padded: outputs added
+    since it was drawn) adds e_k = noise_k * rms(W2[:, j] / r_j) to copy k and -e_k to j."""
+    W1, W2 = site.l1.weight.detach(), site.l2.weight.detach()
+    sources = sources.to(W1.device, torch.long)
+    K = sources.numel()
+    view = (1, -1, *([1] * (W2.dim() - 2)))
+    replicas = 1 + torch.bincount(sources, minlength=site.width)[: site.width]
+    split = W2 / replicas.to(W2).view(view)
+    w2 = split.index_select(1, sources).clone()
+    if noise is not None and K:
+        noise = noise.to(W2)
+        if noise.shape[0] < W2.shape[0]:
+            noise = torch.cat([noise, noise.new_zeros(W2.shape[0] - noise.shape[0], *noise.shape[1:])])
+        rms = w2.transpose(0, 1).reshape(K, -1).square().mean(1).sqrt()
+        e = noise * rms.view(view)
+        w2 = w2 + e
+        split = split.index_add(1, sources, -e)
+    b1 = None if site.l1.bias is None else site.l1.bias.detach().index_select(0, sources).clone()
+    return Neurons(W1.index_select(0, sources).clone(), b1, w2), split
+
+
+def _net2net_proposal(site: Site, count: int, pick: str, noise: float, generator, psi: float, d_w: float,
+                      dW2T: torch.Tensor) -> Proposal:
+    """net2net's Proposal: copies of `count` neurons (function preserving: first order 0)."""
+    sources = net2net_sources(site, count, pick, generator)
+    K = sources.numel()
+    rel = None
+    if noise > 0 and K:
+        gdev = generator.device if generator is not None else "cpu"
+        shape = (site.out_width, K, *site.l2.weight.shape[2:])
+        rel = noise * torch.randn(*shape, generator=generator, dtype=torch.float64, device=gdev)
+        rel = rel.to(site.l2.weight)
+    neurons, _ = net2net_copies(site, sources, rel)
+    dw2, db2 = _best_update_tensors(site, dW2T)
+    per_neuron = torch.zeros(K, dtype=torch.float64, device=dw2.device)
+    return Proposal("net2net", neurons, torch.zeros(0, dtype=torch.float64, device=dw2.device), 0.0, 0.0, psi, d_w,
+                    dw2, db2, per_neuron, copy_of=sources, copy_noise=rel)

@@ -12,12 +12,18 @@ Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig)
     planned_epochs   trainer.epochs for growth.extra_epochs: the epoch of the last planned
                      to_target event, plus extra_epochs
     growth_blocker   why a configuration can never grow (no event, no site below its target, no
-                     neuron within the budget), as a one-line message naming the keys to change
+                     neuron within the budget) or cannot grow a site it must (net2net at width 0),
+                     as a one-line message naming the keys to change
+    bottleneck_fires growth.when=bottleneck: does a site's relative bottleneck Psi / g2 reach
+                     growth.when_threshold
+    plateau_fires    growth.when=plateau: has the monitored loss stopped improving
+    plateau_loss     the loss growth.when=plateau monitors in an epoch's metrics row
 """
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Sequence
 
 from growrun.errors import GrowrunError
 
@@ -149,6 +155,11 @@ def growth_blocker(cfg, epochs: int, steps_per_epoch: int | None, start: dict[st
     below = [n for n in start if targets[n] > start[n]]
     if not below:
         return _no_room(cfg, start, targets)
+    empty = [n for n in below if start[n] == 0]
+    if cfg.method == "net2net" and empty:
+        return (f"growth.method=net2net: site(s) {', '.join(empty)} start at width 0 and net2net can only copy "
+                f"existing neurons; start them at >= 1 neuron (model.site_widths, model.start_fraction), leave them "
+                f"out of growth.only, or use another growth method")
     cheapest = min(params_per_neuron[n] for n in below)
     if affordable(cfg, params, cheapest) == 0:
         return (f"growth.param_budget={cfg.param_budget}: the starting model already has {params} parameters and "
@@ -182,3 +193,37 @@ def _no_room(cfg, start: dict[str, int], targets: dict[str, int]) -> str:
     return (f"growth.method={cfg.method}: no site can grow, {where} starts at (or above) its target width "
             f"(start {[start[n] for n in names]}, target {[targets[n] for n in names]}); set model.start_fraction "
             f"(null: model.width) or model.site_widths below the target, or {target}, or use growth=none")
+
+
+# --- growth.when: triggers checked at each scheduled event ------------------------------------
+
+def bottleneck_fires(psi: float, g2: float, threshold: float) -> bool:
+    """growth.when=bottleneck: a site grows when its relative bottleneck Psi / g2 >= threshold.
+    Psi / g2 in [0, 1] is the share of the functional gradient's energy that the site's existing
+    L2 weights cannot follow (tiny_math.md section 3): 1 = fully starved, 0 = nothing to add.
+    Without gradient (g2 = 0) the share is undefined: only threshold 0 (always) fires."""
+    if not g2 > 0:
+        return threshold <= 0
+    return psi / g2 >= threshold
+
+
+def plateau_fires(losses: Sequence[float], patience: int, min_delta: float, used: int = 0) -> bool:
+    """growth.when=plateau: True when the best of the last `patience` losses (one per evaluated
+    epoch, oldest first) is below the best of all losses before them by at most min_delta,
+    and a loss was recorded since the check that last fired (`used`: len(losses) then), so that
+    one plateau grows once per new loss, not at every check between two evaluations (dt < 1).
+    Fewer than patience + 1 losses: no verdict yet, False."""
+    n = len(losses)
+    if n <= patience or n <= used:
+        return False
+    recent, before = min(losses[n - patience:]), min(losses[: n - patience])
+    return before - recent <= min_delta  # improved by at most min_delta
+
+
+def plateau_loss(row: dict, has_val: bool) -> float | None:
+    """The loss growth.when=plateau monitors in an epoch's metrics row: the validation loss when
+    the run has a validation split (None in an epoch that was not evaluated), else the training
+    loss (never the test loss)."""
+    if has_val:
+        return row.get("val_loss")
+    return row.get("train_loss")

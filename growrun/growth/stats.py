@@ -207,30 +207,30 @@ class _SiteRecorder:
         self.v1 = self.v2 = None
 
     def hooks(self) -> list:
-        def pre1(_m, args):
-            if self.x is not None:
-                raise RuntimeError(f"site {self.site.name}: L1 called twice in one forward pass")
-            self.x = args[0].detach()
-            self.v1 = self.x._version
+        return [self.site.l1.register_forward_pre_hook(self._pre1),
+                self.site.l2.register_forward_pre_hook(self._pre2),
+                self.site.l2.register_forward_hook(self._post2)]
 
-        def pre2(_m, args):
-            if self.h is not None:
-                raise RuntimeError(f"site {self.site.name}: L2 called twice in one forward pass")
-            self.h = args[0].detach()
-            self.v2 = self.h._version
+    def _pre1(self, _m, args) -> None:
+        if self.x is not None:
+            raise RuntimeError(f"site {self.site.name}: L1 called twice in one forward pass")
+        self.x = args[0].detach()
+        self.v1 = self.x._version
 
-        def post2(_m, _args, out):
-            # a zero leaf added to a: d loss / d probe = g. Reused across batches (it is never
-            # modified and gradients are taken with autograd.grad, so nothing accumulates)
-            p = self.probe_buf
-            if p is None or p.shape != out.shape or p.dtype != out.dtype or p.device != out.device:
-                p = self.probe_buf = torch.zeros_like(out, requires_grad=True)
-            self.probe = p
-            return out + p
+    def _pre2(self, _m, args) -> None:
+        if self.h is not None:
+            raise RuntimeError(f"site {self.site.name}: L2 called twice in one forward pass")
+        self.h = args[0].detach()
+        self.v2 = self.h._version
 
-        return [self.site.l1.register_forward_pre_hook(pre1),
-                self.site.l2.register_forward_pre_hook(pre2),
-                self.site.l2.register_forward_hook(post2)]
+    def _post2(self, _m, _args, out):
+        # a zero leaf added to a: d loss / d probe = g. Reused across batches (it is never
+        # modified and gradients are taken with autograd.grad, so nothing accumulates)
+        p = self.probe_buf
+        if p is None or p.shape != out.shape or p.dtype != out.dtype or p.device != out.device:
+            p = self.probe_buf = torch.zeros_like(out, requires_grad=True)
+        self.probe = p
+        return out + p
 
     def reset(self) -> None:
         self.x = self.h = self.probe = None

@@ -16,6 +16,11 @@ candidate       makes the model compute what it would compute after insert_neuro
 new_channel_moments  the mean and variance of the new pre-activations z = L1op(x; w1, b1).
 apply_weight_update  L2 += scale * dW2* (the best update of the existing weights).
 fit_to_site     zero-pads neurons computed before a neighbouring site grew.
+insert_copies   net2net (Net2WiderNet): L2's existing weight replaced by the split fan-outs, then
+                the copies appended with BatchNorm channels that copy their originals' weight,
+                bias and running mean / variance (insert_neurons(bn_copy=...)): in training mode
+                a copy's batch statistics are its original's, in eval mode its running ones, so
+                it computes the original's activation either way. bn_init does not apply.
 """
 from __future__ import annotations
 
@@ -75,8 +80,10 @@ def _scale_fanout(w2: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 @torch.no_grad()
 def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = None,
                    bn_var: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
-                   bn_init: str = "unit") -> None:
-    """Append `neurons` (already scaled by gamma; moments by gamma and gamma^2) to the site."""
+                   bn_init: str = "unit", bn_copy: torch.Tensor | None = None) -> None:
+    """Append `neurons` (already scaled by gamma; moments by gamma and gamma^2) to the site.
+    bn_copy (int64, one per neuron; then no moments): the new BatchNorm channels copy these
+    existing channels' weight, bias and running statistics (net2net), the fan-out as given."""
     k = neurons.count
     l1, l2, bn = site.l1, site.l2, site.bn
     ref = l1.weight
@@ -86,7 +93,9 @@ def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = 
     if l1.bias is not None:
         b1 = neurons.b1 if neurons.b1 is not None else torch.zeros(k)
         _grow(l1, "bias", b1.to(ref), 0, optimizer)
-    if bn is not None:
+    if bn is not None and bn_copy is not None:
+        _copy_bn_channels(bn, bn_copy, optimizer)
+    elif bn is not None:
         _require_moments(site, bn_mean, bn_var)
         mean, var = bn_mean.to(ref), bn_var.to(ref)
         if bn.affine:
@@ -104,6 +113,32 @@ def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = 
     else:
         l1.out_features += k
         l2.in_features += k
+
+
+def _copy_bn_channels(bn: nn.Module, sources: torch.Tensor, optimizer) -> None:
+    """Append to `bn` copies of its channels `sources` (affine parameters and running stats)."""
+    k = sources.numel()
+    if bn.affine:
+        idx = sources.to(bn.weight.device, torch.long)
+        _grow(bn, "weight", bn.weight.detach().index_select(0, idx), 0, optimizer)
+        _grow(bn, "bias", bn.bias.detach().index_select(0, idx), 0, optimizer)
+    if bn.track_running_stats and bn.running_mean is not None:
+        idx = sources.to(bn.running_mean.device, torch.long)
+        bn.running_mean = torch.cat([bn.running_mean, bn.running_mean.index_select(0, idx)])
+        bn.running_var = torch.cat([bn.running_var, bn.running_var.index_select(0, idx)])
+    bn.num_features += k
+
+
+@torch.no_grad()
+def insert_copies(site: Site, sources: torch.Tensor, neurons: Neurons, l2_weight: torch.Tensor,
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
+    """net2net: set L2's existing weight to `l2_weight` (the originals' fan-outs split among their
+    replicas) and append `neurons`, copies of the neurons `sources`, with copied BatchNorm
+    channels (growrun.growth.neurons.net2net_copies computes both from the current weights).
+    Optimizer state as for every insertion: existing entries keep theirs (a split column's
+    momentum too: its gradient h_j g does not depend on its value), new entries start at zero."""
+    site.l2.weight.copy_(l2_weight.to(site.l2.weight))
+    insert_neurons(site, neurons, optimizer=optimizer, bn_copy=sources)
 
 
 def _require_moments(site: Site, mean, var) -> None:
@@ -172,9 +207,10 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def new_channel_moments(model: nn.Module, site: Site, neurons: Neurons,
-                        batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                        batches: Iterable[torch.Tensor], forward=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-neuron mean and biased variance of z = L1op(x; w1, b1) over all samples and positions,
-    x being L1's input when `model` (in its current mode) runs on `batches`. Nothing changes."""
+    x being L1's input when `model` (in its current mode) runs on `batches` (through `forward`,
+    default the model, e.g. the part of it from the site's block on). Nothing changes."""
     acc: list[torch.Tensor] = []
 
     def hook(_module, inputs, _output):
@@ -189,7 +225,7 @@ def new_channel_moments(model: nn.Module, site: Site, neurons: Neurons,
         with frozen_bn_stats(model):
             for x in batches:
                 try:
-                    model(x)
+                    (forward or model)(x)
                 except _Stop:
                     pass
     finally:

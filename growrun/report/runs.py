@@ -165,7 +165,7 @@ def _number(text: str) -> float | None:
     return None if math.isnan(value) else value
 
 
-GROWTH_TEXT_COLUMNS = ("site", "method", "reason", "lambdas_top")  # the other growth.csv columns are numbers
+GROWTH_TEXT_COLUMNS = ("site", "method", "reason", "trigger", "lambdas_top")  # the other growth.csv columns are numbers
 
 
 def _growth_row(row: dict[str, str]) -> dict[str, object]:

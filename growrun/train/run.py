@@ -196,6 +196,8 @@ class _Session:
         if tr.epoch % cfg.trainer.eval_every == 0 or last_epoch:
             for split in tr.eval_loaders:
                 row[f"{split}_loss"], row[f"{split}_acc"] = tr.evaluate(split)
+        if tr.growth is not None:  # the loss growth.when=plateau monitors (in the checkpoint below)
+            tr.growth.record_loss(row, "val" in tr.eval_loaders)
         seconds = time.time() - self.epoch_t0
         self.total_seconds += seconds
         self.growth_seconds += row["growth_seconds"]

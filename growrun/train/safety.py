@@ -103,14 +103,19 @@ class StopSignals:
 
 def config_differences(stored: dict, current: dict) -> list[str]:
     """'key: old -> new' for every dotted key whose value differs between the checkpoint's
-    config and the current one, except RESUMABLE_CHANGES."""
+    config and the current one, except RESUMABLE_CHANGES. A key the checkpoint's growrun did
+    not have yet is no difference while it keeps its schema default (new keys default to the
+    behaviour from before they existed)."""
     a, b = _flatten(stored), _flatten(current)
     missing = object()
+    defaults = _schema_defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_CHANGES or key.startswith(tuple(k + "." for k in RESUMABLE_CHANGES)):
             continue
         old, new = a.get(key, missing), b.get(key, missing)
+        if old is missing and key in defaults and new == defaults[key]:
+            continue
         if old != new:
             diffs.append(f"{key}: {_show(old, missing)} -> {_show(new, missing)}")
     return diffs
@@ -121,6 +126,13 @@ def check_resume_config(stored: dict, current: dict, path: Path) -> None:
     if diffs:
         raise GrowrunError(f"resume: the config differs from the one {path} was trained with ({'; '.join(diffs)}); "
                            f"only {', '.join(RESUMABLE_CHANGES[1:])} may change; start a new run directory instead")
+
+
+def _schema_defaults() -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from growrun.config.schema import TrainConfig
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

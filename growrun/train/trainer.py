@@ -25,8 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -49,10 +48,12 @@ class GrowthHook(Protocol):
     """What the trainer needs from a growth controller (growrun.growth.controller)."""
 
     flops: int  # growth compute so far
+    def watch(self, step: int) -> None: ...  # before step `step`'s forward (statistics from training)
     def due(self, step: int) -> bool: ...
     def grow(self, trainer: "Trainer") -> float: ...  # returns seconds spent
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def record_loss(self, row: dict, has_val: bool) -> None: ...  # the run loop, after an epoch's evaluation
 
 
 @dataclass
@@ -125,6 +126,8 @@ class Trainer:
                    initial=p.batches, leave=False, desc=f"epoch {self.epoch + 1}/{self.cfg.trainer.epochs}",
                    disable=not self.show_progress, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar, p.batches):
+            if self.growth is not None:
+                self.growth.watch(self.step + 1)
             with self.autocast:
                 out = self.net(x)
                 loss = self.criterion(out, y)
