@@ -4,7 +4,12 @@ half-written. Config faults are caught before Hydra creates the run directory
 (growrun.config.precheck); data faults when the run reads its files (summary.json "failed", no
 metrics, no checkpoint). Bad values already covered by tests/test_cli.py (negative lr, unknown dataset
 option, a non-integer, a bad value inside a sweep, missing CIFAR, an existing checkpoint) are
-not repeated here."""
+not repeated here.
+
+The commands run in the test's process (tests/conftest.py: run_cli, the same growrun.cli.main
+as `python -m growrun`) to spare each the 2-3 s start-up of a fresh interpreter; three cases
+(the two of test_refusals_in_a_real_process, test_damaged_cifar_through_the_cli[runs_code]) run
+as a real `python -m growrun` process: its exit status and a stderr of one line, no traceback."""
 from __future__ import annotations
 
 import json
@@ -33,6 +38,7 @@ GROWING = ["model=resnet18", "model.width=0.0625", "model.start_fraction=0.01562
 
 
 def growrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m growrun ARGS` in a fresh process (run_cli: the same in this process)."""
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "growrun", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -111,15 +117,15 @@ NO_GROWTH = [
 @pytest.mark.parametrize("overrides, expected", NO_GROWTH,
                          ids=["full_width", "start_above_target", "epochs", "first_epoch", "last_epoch", "budget",
                               "only"])
-def test_nothing_can_grow_fails_up_front(tmp_path, overrides, expected):
-    proc = growrun("train", *SMALL, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_nothing_can_grow_fails_up_front(tmp_path, run_cli, overrides, expected):
+    proc = run_cli("train", *SMALL, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     line = one_line_error(proc)
     assert all(part in line for part in expected), line
     assert not (tmp_path / "run").exists()
 
 
-def test_a_growing_config_passes_the_precheck(tmp_path):
-    proc = growrun("train", *SMALL, *GROWING, "growth=tiny", "--cfg", "job", cwd=tmp_path)
+def test_a_growing_config_passes_the_precheck(tmp_path, run_cli):
+    proc = run_cli("train", *SMALL, *GROWING, "growth=tiny", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0 and "method: tiny" in proc.stdout, proc.stderr
 
 
@@ -133,7 +139,7 @@ BAD_CONFIG = [
     ("+trainer.epoch=3", "trainer.epoch: no such config key; did you mean trainer.epochs?"),  # was ignored
     ("++optim.lrr=0.1", "optim.lrr: no such config key; did you mean optim.lr?"),  # was ignored
     ("grwth=tiny", "grwth: no such config key; did you mean growth?"),
-    ("growth=tinyy", "growth=tinyy: no such config; available in growth/: gradmax, none, random, tiny"),
+    ("growth=tinyy", "growth=tinyy: no such config; available in growth/: gradmax, net2net, none, random, tiny"),
     ("model.site_widths=[4,4]", "model.site_widths=[4, 4]: needs 1 widths >= 0, one per site (fc1)"),  # was late
     ("growth.target_widths=[4,4]", "growth.target_widths=[4, 4]: needs 1 widths, one per site (fc1)"),
     ("growth.only=[fc9]", "growth.only=['fc9']: no such site; sites are fc1"),
@@ -141,30 +147,41 @@ BAD_CONFIG = [
 
 
 @pytest.mark.parametrize("override, expected", BAD_CONFIG, ids=[o for o, _ in BAD_CONFIG])
-def test_bad_config_is_one_line_before_anything_is_written(tmp_path, override, expected):
+def test_bad_config_is_one_line_before_anything_is_written(tmp_path, run_cli, override, expected):
     grow = ["growth=tiny", "model.start_fraction=0.25"] if override.startswith(("growth.only", "growth.target")) else []
-    proc = growrun("train", *SMALL, *grow, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_cli("train", *SMALL, *grow, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert expected in one_line_error(proc)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", [NO_GROWTH[0], ([BAD_CONFIG[3][0]], [BAD_CONFIG[3][1]])],
+                         ids=["nothing_can_grow", "unknown_key"])
+def test_refusals_in_a_real_process(tmp_path, overrides, expected):
+    """Two of the refusals above as a user meets them, in a fresh `python -m growrun`: exit status
+    2 and one line on stderr (no traceback, no warning), nothing written."""
+    proc = growrun("train", *SMALL, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    line = one_line_error(proc)
+    assert all(part in line for part in expected), line
     assert not (tmp_path / "run").exists()
 
 
 # --- output directories --------------------------------------------------------------------------
 
-def test_run_directory_under_a_file_is_one_line(tmp_path):
+def test_run_directory_under_a_file_is_one_line(tmp_path, run_cli):
     afile = tmp_path / "afile"
     afile.write_text("")
     for flags in ([f"hydra.run.dir={afile / 'run'}"], ["-m", f"hydra.sweep.dir={afile / 'sw'}"]):
-        line = one_line_error(growrun("train", *flags, *SMALL, cwd=tmp_path))
+        line = one_line_error(run_cli("train", *flags, *SMALL, cwd=tmp_path))
         assert f"{afile} is a file, not a directory" in line, line
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_output_directory_is_one_line(tmp_path):
+def test_unwritable_output_directory_is_one_line(tmp_path, run_cli):
     parent = tmp_path / "ro"
     parent.mkdir()
     parent.chmod(0o500)
     try:
-        line = one_line_error(growrun("train", *SMALL, f"hydra.run.dir={parent / 'run'}", cwd=tmp_path))
+        line = one_line_error(run_cli("train", *SMALL, f"hydra.run.dir={parent / 'run'}", cwd=tmp_path))
     finally:
         parent.chmod(0o700)
     assert f"cannot write into {parent} (permission denied)" in line
@@ -180,24 +197,24 @@ def test_unwritable_output_directory_check(tmp_path, monkeypatch):
         check_output_dir(cfg, multirun=False)
 
 
-def test_run_directory_of_another_run_is_refused_and_left_alone(tmp_path):
+def test_run_directory_of_another_run_is_refused_and_left_alone(tmp_path, run_cli):
     """Hydra used to write the new command's .hydra/ over the old run's before the run refused
     to start: `growrun resume` would then have continued the old run with the new config."""
     run_dir = tmp_path / "run"
-    assert growrun("train", *SMALL, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    assert run_cli("train", *SMALL, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
-    proc = growrun("train", *SMALL, "optim.lr=0.5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_cli("train", *SMALL, "optim.lr=0.5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert {p: p.read_bytes() for p in before} == before
     line = one_line_error(proc)
     assert f"hydra.run.dir={run_dir}: already holds a run (status completed); add resume=true" in line
 
 
-def test_sweep_directory_of_another_sweep_is_refused(tmp_path):
+def test_sweep_directory_of_another_sweep_is_refused(tmp_path, run_cli):
     sweep = tmp_path / "sweep"
-    assert growrun("train", "-m", *SMALL, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}",
+    assert run_cli("train", "-m", *SMALL, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}",
                    cwd=tmp_path).returncode == 0
     overrides = (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
-    proc = growrun("train", "-m", *SMALL, "seed=2,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_cli("train", "-m", *SMALL, "seed=2,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert (sweep / "0" / ".hydra" / "overrides.yaml").read_text() == overrides  # was overwritten, and exit 0
     line = one_line_error(proc)
     assert f"hydra.sweep.dir={sweep}: already holds a sweep (2 runs); `growrun resume {sweep}`" in line
@@ -255,13 +272,16 @@ def test_damaged_cifar_files_are_one_line(tmp_path, kind, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("kind", ["truncated", "runs_code"])
-def test_damaged_cifar_through_the_cli(tmp_path, kind):
+@pytest.mark.parametrize("kind, in_process", [("truncated", True), ("runs_code", False)])
+def test_damaged_cifar_through_the_cli(tmp_path, run_cli, kind, in_process):
+    """The run reads its files after Hydra created its directory: one line, status failed, no
+    metrics or checkpoint. runs_code in a real process (the exit status of a failed run)."""
     expected = _corrupt(write_cifar10(tmp_path / "data", n_train=100, n_test=20).folder, kind)
     run_dir = tmp_path / "run"
-    proc = growrun("train", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.verify=false",
-                   "dataset.download=false", "model=mlp", "model.hidden=[8]", "trainer.epochs=1",
-                   "trainer.batch_size=20", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    cli = run_cli if in_process else growrun
+    proc = cli("train", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.verify=false",
+               "dataset.download=false", "model=mlp", "model.hidden=[8]", "trainer.epochs=1",
+               "trainer.batch_size=20", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert expected in one_line_error(proc)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     assert not any((run_dir / name).exists() for name in ("metrics.csv", "checkpoints", "growth.csv"))

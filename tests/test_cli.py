@@ -1,4 +1,8 @@
-"""`growrun train` end to end, as a user runs it: subprocesses, real files, real exit codes."""
+"""`growrun train` end to end, as a user runs it: subprocesses, real files, real exit codes.
+Refusals (bad config, missing data, an existing run) and --cfg / --help run the same
+growrun.cli.main in the test's process instead (tests/conftest.py: run_cli), which spares each
+call the 2-3 s start-up of a fresh interpreter; tests/test_bad_inputs.py keeps real-process
+refusals."""
 from __future__ import annotations
 
 import csv
@@ -75,23 +79,23 @@ def test_training_learns_and_is_deterministic(tmp_path):
 
 @pytest.mark.parametrize("override, key", [("optim.lr=-1", "optim.lr"), ("dataset=imagenet", "dataset"),
                                            ("trainer.epochs=abc", "trainer.epochs")])
-def test_bad_config_fails_in_one_line_before_writing(tmp_path, override, key):
-    proc = growrun("train", *SMALL, override, cwd=tmp_path, check=False)
+def test_bad_config_fails_in_one_line_before_writing(tmp_path, run_cli, override, key):
+    proc = run_cli("train", *SMALL, override, cwd=tmp_path)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("growrun: error:") and key in lines[0], proc.stderr
     assert not (tmp_path / "outputs").exists()
 
 
-def test_bad_value_inside_a_sweep_is_caught_before_any_run(tmp_path):
-    proc = growrun("train", "-m", *SMALL, "seed=0,1", "optim.lr=0.1,-2", cwd=tmp_path, check=False)
+def test_bad_value_inside_a_sweep_is_caught_before_any_run(tmp_path, run_cli):
+    proc = run_cli("train", "-m", *SMALL, "seed=0,1", "optim.lr=0.1,-2", cwd=tmp_path)
     assert proc.returncode != 0 and "optim.lr" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "outputs").exists()
 
 
-def test_missing_cifar_is_a_one_line_error(tmp_path):
-    proc = growrun("train", "dataset=cifar10", f"dataset.root={tmp_path / 'nothing'}", "dataset.download=false",
-                   "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+def test_missing_cifar_is_a_one_line_error(tmp_path, run_cli):
+    proc = run_cli("train", "dataset=cifar10", f"dataset.root={tmp_path / 'nothing'}", "dataset.download=false",
+                   "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cifar-10-batches-py" in lines[0], proc.stderr
@@ -135,13 +139,14 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert json.loads((cut / "summary.json").read_text())["status"] == "completed"
 
 
-def test_existing_checkpoint_is_not_overwritten(tmp_path):
+def test_existing_checkpoint_is_not_overwritten(tmp_path, run_cli):
     run_dir = tmp_path / "run"
-    growrun("train", *SMALL, "model=mlp", "model.hidden=[16]", "trainer.epochs=1", f"hydra.run.dir={run_dir}",
-            cwd=tmp_path)
+    first = run_cli("train", *SMALL, "model=mlp", "model.hidden=[16]", "trainer.epochs=1", f"hydra.run.dir={run_dir}",
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()
-    proc = growrun("train", *SMALL, "model=mlp", "model.hidden=[16]", "trainer.epochs=1",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    proc = run_cli("train", *SMALL, "model=mlp", "model.hidden=[16]", "trainer.epochs=1",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 2 and "resume=true" in proc.stderr
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
@@ -169,15 +174,20 @@ def test_simultaneous_runs_never_share_a_directory(tmp_path):
     assert len(runs) == 2 and all((r / "summary.json").is_file() for r in runs)
 
 
-def test_cfg_job_help_and_user_config_dir(tmp_path):
+def test_cfg_job_help_and_user_config_dir(tmp_path, run_cli):
+    def succeeds(*args, cwd):
+        proc = run_cli(*args, cwd=cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
     conf = tmp_path / "myconf" / "experiment"
     conf.mkdir(parents=True)
     (conf / "mine.yaml").write_text("# @package _global_\noptim:\n  lr: 0.0123\n")
-    out = growrun("train", "--config-dir", str(tmp_path / "myconf"), "+experiment=mine", "--cfg", "job",
-                  cwd=tmp_path).stdout
+    out = succeeds("train", "--config-dir", str(tmp_path / "myconf"), "+experiment=mine", "--cfg", "job",
+                   cwd=tmp_path).stdout
     assert "lr: 0.0123" in out
-    assert "Config groups" in growrun("train", "--help", cwd=tmp_path).stdout
-    assert "train" in growrun("--help", cwd=tmp_path).stdout
+    assert "Config groups" in succeeds("train", "--help", cwd=tmp_path).stdout
+    assert "train" in succeeds("--help", cwd=tmp_path).stdout
     assert not (tmp_path / "outputs").exists()
 
 

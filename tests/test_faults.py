@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,8 +234,16 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, wrapped):
     assert not evil.marker.exists()
 
 
-def test_resume_refuses_a_different_config_and_accepts_a_longer_run(tmp_path):
-    run_module.run(compose_cfg("trainer.epochs=2"), tmp_path)
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    """A completed in-process run of compose_cfg("trainer.epochs=2"); tests resume copies of it."""
+    run_dir = tmp_path_factory.mktemp("two_epochs")
+    assert run_module.run(compose_cfg("trainer.epochs=2"), run_dir)["status"] == "completed"
+    return run_dir
+
+
+def test_resume_refuses_a_different_config_and_accepts_a_longer_run(tmp_path, two_epochs):
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
     with pytest.raises(GrowrunError, match=r"growth\.method: 'tiny' -> 'random'; optim\.lr: 0\.1 -> 0\.05\)"):
         run_module.run(compose_cfg("trainer.epochs=3", "optim.lr=0.05", "growth=random", "resume=true"), tmp_path)
     summary = run_module.run(compose_cfg("trainer.epochs=3", "resume=true"), tmp_path)
@@ -255,12 +264,12 @@ def test_a_second_process_cannot_train_in_a_locked_directory(tmp_path):
     assert run_module.run(compose_cfg("trainer.epochs=2"), tmp_path)["status"] == "completed"
 
 
-def test_checkpoint_of_an_older_growrun_still_resumes(tmp_path):
+def test_checkpoint_of_an_older_growrun_still_resumes(tmp_path, two_epochs):
     """Before the checksummed format, last.pt was the state itself, its numpy RNG state an
     array: it loads (numpy's array types allowed, nothing else) and the run continues."""
     import numpy as np
 
-    run_module.run(compose_cfg("trainer.epochs=2"), tmp_path)
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
     path = tmp_path / "checkpoints" / "last.pt"
     state, _ = load_checkpoint(path)
     kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
@@ -270,3 +279,13 @@ def test_checkpoint_of_an_older_growrun_still_resumes(tmp_path):
     (tmp_path / "checkpoints" / "prev.pt").unlink()
     summary = run_module.run(compose_cfg("trainer.epochs=3", "resume=true"), tmp_path)
     assert summary["status"] == "completed" and summary["epochs_done"] == 3
+
+
+def test_keys_newer_than_the_checkpoint_resume_at_their_default():
+    """A checkpoint from before growth.stats / growth.when existed resumes while they keep their
+    defaults (the behaviour it was trained with); another value is a difference."""
+    a = {"growth": {"method": "tiny"}}
+    b = {"growth": {"method": "tiny", "stats": "pass", "when": "schedule"}}
+    assert config_differences(a, b) == []
+    b["growth"]["stats"] = "training"
+    assert config_differences(a, b) == ["growth.stats: (absent) -> 'training'"]

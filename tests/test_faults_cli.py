@@ -1,6 +1,7 @@
 """`growrun resume` under signals: SIGTERM / SIGINT to the `growrun resume` process must reach the
 training it runs in a child process, which must not outlive it (issue 13), and a resumed sweep
-stops at the run a signal interrupted. Real subprocesses, real signals (Linux /proc)."""
+stops at the run a signal interrupted. Real subprocesses, real signals (Linux /proc); only the
+run or sweep to resume is trained in the test's process (tests/conftest.py: run_cli)."""
 from __future__ import annotations
 
 import json
@@ -25,11 +26,13 @@ def env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
 
 
-def growrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "growrun", *args], cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+@pytest.fixture
+def trained(run_cli):
+    """`growrun train ARGS` (in this process: the run to resume), which must succeed."""
+    def train(*args: str, cwd: Path) -> None:
+        proc = run_cli("train", *args, cwd=cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return train
 
 
 def stat(pid: int) -> list[str] | None:
@@ -97,9 +100,9 @@ class Resume:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_resume_reaches_the_training_child(tmp_path, signum):
+def test_signal_to_resume_reaches_the_training_child(tmp_path, trained, signum):
     run_dir = tmp_path / "run"
-    growrun("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    trained(*TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     resume = Resume(tmp_path, str(run_dir), LONG)
     try:
         child = resume.training_child(run_dir, epochs_before=1)
@@ -118,9 +121,8 @@ def test_signal_to_resume_reaches_the_training_child(tmp_path, signum):
     assert json.loads((run_dir / "summary.json").read_text())["status"] != "completed"
 
 
-def test_resume_of_a_sweep_stops_at_the_interrupted_run(tmp_path):
-    growrun("train", "-m", *TINY, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            cwd=tmp_path)
+def test_resume_of_a_sweep_stops_at_the_interrupted_run(tmp_path, trained):
+    trained("-m", *TINY, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     runs = [tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"]
     for run_dir in runs:  # both unfinished, as after a crash
         (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))

@@ -67,7 +67,7 @@ def test_growth_draws_shrink_to_a_small_training_set():
     """Both draws as asked when they fit; else in proportion, each >= 2, together every image;
     below 4 images a one-line error. Statistics batches never hold a single image."""
     from growrun.errors import GrowrunError
-    from growrun.growth.controller import _chunks
+    from growrun.growth.draws import _chunks
 
     assert policy.draw_sizes(1536, 1024, 512) == (1024, 512)
     assert policy.draw_sizes(256, 1024, 512) == (171, 85)
@@ -204,10 +204,17 @@ def read(path):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in csv.DictReader(f)]
 
 
-def test_growth_log_and_widths(tmp_path):
-    cfg = compose_cfg()
-    summary = run_module.run(cfg, tmp_path)
-    rows = read(tmp_path / "growth.csv")
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    """One run of compose_cfg() (GROW): its directory and the summary run() returned. Tests only
+    read it."""
+    run_dir = tmp_path_factory.mktemp("grown")
+    return run_dir, run_module.run(compose_cfg(), run_dir)
+
+
+def test_growth_log_and_widths(grown):
+    run_dir, summary = grown
+    rows = read(run_dir / "growth.csv")
     assert {r["site"] for r in rows} == {f"layer{s}.{b}" for s in range(1, 5) for b in range(2)}
     events = sorted({(int(r["event"]), float(r["epoch"])) for r in rows})
     # every dt = 0.5 epochs from epoch 1; sites that refused neurons (gamma = 0) keep growing later
@@ -221,7 +228,7 @@ def test_growth_log_and_widths(tmp_path):
     targets = [math.ceil(w / 16) for w in (64, 64, 128, 128, 256, 256, 512, 512)]
     widths = list(summary["widths"].values())
     assert all(w <= t for w, t in zip(widths, targets)) and sum(widths) > sum([1, 1, 2, 2, 4, 4, 8, 8])
-    metrics = read(tmp_path / "metrics.csv")
+    metrics = read(run_dir / "metrics.csv")
     assert [int(m["width:layer4.1"]) for m in metrics][-1] == summary["widths"]["layer4.1"]
     assert int(metrics[-1]["params"]) == summary["params"]
 
@@ -233,9 +240,8 @@ def test_extra_epochs_sets_the_run_length(tmp_path):
     assert summary["epochs"] == 3 and len(read(tmp_path / "metrics.csv")) == 3
 
 
-def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    run_module.run(compose_cfg(), full)
+def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, grown, monkeypatch):
+    full, cut = grown[0], tmp_path / "cut"  # full: the uninterrupted run
     original = Trainer.train_epoch
 
     def stop_in_epoch_3(self, after_step=None):

@@ -3,7 +3,8 @@ and slurm_local (submitit's local mode) complete, re-run without training anythi
 only the rest after the whole launcher was killed; SIGUSR2 (submitit's preemption signal) makes
 a job checkpoint and be requeued, and the requeued job ends bit-identical to an uninterrupted
 run; the sbatch script of hydra/launcher=slurm is checked with a stand-in `sbatch` on PATH.
-Real CLI, real subprocesses, CPU."""
+Real CLI, real subprocesses, CPU; the refusals before anything runs, and the sweep that a
+`growrun resume` test starts from, run in the test's process (tests/conftest.py: run_cli)."""
 from __future__ import annotations
 
 import json
@@ -208,19 +209,19 @@ def test_sbatch_script_for_two_nodes_of_four_gpus(tmp_path):
     assert (sweep / ".submitit").is_dir() and not list(sweep.glob("[0-9]"))  # nothing ran here
 
 
-def test_slurm_launcher_needs_slurm_and_plugins_say_how_to_install(tmp_path):
+def test_slurm_launcher_needs_slurm_and_plugins_say_how_to_install(tmp_path, run_cli):
     pytest.importorskip(PLUGIN["slurm"])
-    proc = growrun("train", "-m", *TINY, "seed=0,1", "hydra/launcher=slurm", cwd=tmp_path, check=False,
-                   PATH=str(tmp_path))
+    proc = run_cli("train", "-m", *TINY, "seed=0,1", "hydra/launcher=slurm", cwd=tmp_path, env={"PATH": str(tmp_path)})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "hydra/launcher=slurm_local" in proc.stderr
     assert not (tmp_path / "outputs").exists()
     missing = MissingConfigException("x", missing_cfg_file="hydra/launcher/joblib")
     assert "pip install hydra-joblib-launcher" in _missing_message(missing)
 
 
-def test_resume_of_a_sweep_starts_the_jobs_never_started(tmp_path):
+def test_resume_of_a_sweep_starts_the_jobs_never_started(tmp_path, run_cli):
     sweep = tmp_path / "sweep"
-    growrun("train", "-m", *TINY, "trainer.epochs=1", "seed=0,1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    first = run_cli("train", "-m", *TINY, "trainer.epochs=1", "seed=0,1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
     (sweep / "1" / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     subprocess.run(["rm", "-r", str(sweep / "2")], check=True)  # as if the sweep died before job 2
     said = growrun("resume", str(sweep), cwd=tmp_path).stderr
@@ -230,12 +231,13 @@ def test_resume_of_a_sweep_starts_the_jobs_never_started(tmp_path):
     assert "seed=2" in (sweep / "2" / ".hydra" / "overrides.yaml").read_text()
 
 
-def test_rerun_with_other_values_is_refused_before_anything_runs(tmp_path):
+def test_rerun_with_other_values_is_refused_before_anything_runs(tmp_path, run_cli):
     sweep = tmp_path / "sweep"
-    growrun("train", "-m", *TINY, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    first = run_cli("train", "-m", *TINY, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
     before = snapshot(sweep / "0")
-    proc = growrun("train", "-m", *TINY, "trainer.epochs=1", "seed=5,1", "resume=true", f"hydra.sweep.dir={sweep}",
-                   cwd=tmp_path, check=False)
+    proc = run_cli("train", "-m", *TINY, "trainer.epochs=1", "seed=5,1", "resume=true", f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "job 0 holds a run of other overrides (seed: 0 -> 5)" in proc.stderr
     assert snapshot(sweep / "0") == before and "seed=0" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
