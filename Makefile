@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(GROWRUN_DATA),$(HOME)/.cache/growrun-data)
 ARGS   ?=
 
-.PHONY: install test train bench table1 figures clean
+.PHONY: install test train bench growth-share table1 figures clean
 
 install: $(STAMP)
 
@@ -33,6 +33,17 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_growth.py
 	$(BIN)/python scripts/bench_growth.py --samples 512
 	$(BIN)/python scripts/bench_memory_format.py
+
+# Growth's share of the wall time of `cifar10_tiny` (about 30 min per run on 2 CPU cores), with
+# the statistics pass and with statistics recorded during training (growth.stats=training), into
+# bench/growth_share.json. Run it on an otherwise idle machine.
+GS_DIR ?= outputs/growth_share
+growth-share: $(STAMP)
+	for st in pass training; do \
+	  GROWRUN_DATA=$(DATA) $(BIN)/growrun train +experiment=cifar10_tiny growth.stats=$$st trainer.progress=off \
+	    resume=true hydra.run.dir=$(GS_DIR)/$$st $(ARGS) || exit 1; \
+	done
+	$(BIN)/python scripts/growth_share.py $(GS_DIR)/pass $(GS_DIR)/training
 
 # The TINY paper's Table 1 protocol as a sweep (configs/experiment/table1_$(SCALE).yaml), then
 # its report (table, plots) in $(T1_DIR). SCALE=full: CIFAR-100, full ResNet18, 250 extra
