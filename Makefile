@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(GROWRUN_DATA),$(HOME)/.cache/growrun-data)
 ARGS   ?=
 
-.PHONY: install test train bench growth-share table1 figures clean
+.PHONY: install test train bench growth-share table1 methods figures clean
 
 install: $(STAMP)
 
@@ -62,6 +62,24 @@ table1: $(STAMP)
 	$(T1_TRAIN) +experiment=table1_$(SCALE) $(T1_SWEEP_$(SCALE)) hydra.sweep.dir=$(T1_DIR)/grown $(ARGS) || status=1; \
 	$(T1_TRAIN) +experiment=table1_$(SCALE)_reference seed=0,1 hydra.sweep.dir=$(T1_DIR)/reference $(ARGS) || status=1; \
 	$(BIN)/growrun report $(T1_DIR)/grown $(T1_DIR)/reference --out $(T1_DIR) || status=1; \
+	exit $$status
+
+# Every growth method on Table 1's fast-growth setting (configs/experiment/table1_$(SCALE).yaml:
+# hidden widths start at 1/64 of the final network's, growth.dt=0.25), seeds 0 and 1, plus the
+# fixed reference, then one report in $(M_DIR). SCALE=cpu: CIFAR-10 subset, final network ResNet18
+# at 1/4 width; SCALE=full: CIFAR-100, full ResNet18 (a GPU machine or cluster). Re-running resumes
+# unfinished runs and skips finished ones, as table1 does.
+M_DIR     ?= outputs/methods_$(SCALE)
+M_METHODS := tiny,tiny_noproj,gradmax,random,zero,net2net,firefly
+M_SWEEP_full := growth=$(M_METHODS) model.start_fraction=0.015625 growth.dt=0.25 seed=0,1
+M_SWEEP_cpu  := growth=$(M_METHODS) model.start_fraction=0.00390625 growth.dt=0.25 seed=0,1
+
+methods: $(STAMP)
+	$(if $(M_SWEEP_$(SCALE)),,$(error SCALE=$(SCALE): not a Table 1 scale; choose full or cpu))
+	status=0; \
+	$(T1_TRAIN) +experiment=table1_$(SCALE) $(M_SWEEP_$(SCALE)) hydra.sweep.dir=$(M_DIR)/grown $(ARGS) || status=1; \
+	$(T1_TRAIN) +experiment=table1_$(SCALE)_reference seed=0,1 hydra.sweep.dir=$(M_DIR)/reference $(ARGS) || status=1; \
+	$(BIN)/growrun report $(M_DIR)/grown $(M_DIR)/reference --out $(M_DIR) || status=1; \
 	exit $$status
 
 # Redraw Table 1's report (table and plots) from the runs that exist, without training.

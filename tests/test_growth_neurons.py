@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from growrun.growth import firefly
 from growrun.growth.neurons import METHODS, propose
 from growrun.growth.site import Neurons
 from growrun.growth.stats import collect_statistics
@@ -75,6 +76,14 @@ def fan_vectors(site, prop):
     return a.to(DT), om.to(DT)
 
 
+def model_inputs(method, net, batches, loss_fn=sum_ce):
+    """propose's extra arguments: firefly trains candidates on the model and batches (test_firefly.py)."""
+    if method != "firefly":
+        return {}
+    return {"firefly": firefly.proposer(net, batches, loss_fn, n_candidates=5, steps=3,
+                                        generator=torch.Generator().manual_seed(1))}
+
+
 def setup(conv, *, act="relu", width=3, n=3, seed=0, **kw):
     net = SiteNet(conv, act=act, width=width, seed=seed, **kw).eval()
     batches = [data(conv, 8 if conv else 40, seed=s) for s in range(1, n + 1)]
@@ -89,7 +98,8 @@ def test_proposal_shapes_and_gamma_zero(conv, method):
     net, batches, st = setup(conv, bias1=not conv, bias2=True, m=5)
     site = net.site()
     K = 2
-    prop = propose(site, st, method, K, generator=torch.Generator().manual_seed(0))
+    prop = propose(site, st, method, K, generator=torch.Generator().manual_seed(0),
+                   **model_inputs(method, net, batches))
     nz = prop.neurons
     assert nz.count == K and nz.w1.shape == (K, *net.l1.weight.shape[1:])
     assert (nz.b1 is None) == (net.l1.bias is None)
@@ -248,7 +258,8 @@ def test_degenerate_statistics_give_no_nan(case, method):
         with pytest.raises(ValueError, match="width 0"):
             propose(net.site(), st, method, 4)
         return
-    prop = propose(net.site(), st, method, 4, generator=torch.Generator().manual_seed(0))
+    prop = propose(net.site(), st, method, 4, generator=torch.Generator().manual_seed(0),
+                   **model_inputs(method, net, batches, loss_fn))
     for t in (prop.neurons.w1, prop.neurons.w2, prop.dw2, prop.lambdas):
         assert torch.isfinite(t).all()
     assert math.isfinite(prop.psi) and math.isfinite(prop.first_order)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,3 +97,34 @@ def test_table1_sweeps_plan_the_documented_runs(scale, classes, images, final, e
         assert reference.trainer.epochs == longest
     else:  # "as many epochs as the extra training"
         assert reference.trainer.epochs == 250
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("scale, classes, images, final", [("full", 100, 50000, RESNET18),
+                                                           ("cpu", 10, 6000, [w // 4 for w in RESNET18])])
+def test_methods_sweep_plans_the_documented_runs(scale, classes, images, final):
+    """`make methods`: every growth method x start 1/64 of the final widths x dt 0.25 x seeds 0, 1
+    on table1_<scale>, the reference, one report (the commands `make -n` prints)."""
+    from growrun.growth.neurons import METHODS
+
+    out = subprocess.run(["make", "-n", "methods", f"SCALE={scale}"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    grown = next(ln for ln in out if f"+experiment=table1_{scale} " in ln).split()
+    reference = next(ln for ln in out if f"+experiment=table1_{scale}_reference " in ln).split()
+    report = next(ln for ln in out if "growrun report" in ln).split()
+    assert f"hydra.sweep.dir=outputs/methods_{scale}/grown" in grown and "resume=true" in grown
+    assert f"hydra.sweep.dir=outputs/methods_{scale}/reference" in reference and "seed=0,1" in reference
+    assert report[1:5] == ["report", f"outputs/methods_{scale}/grown", f"outputs/methods_{scale}/reference", "--out"]
+    start = grown.index(f"+experiment=table1_{scale}") + 1
+    end = next(i for i, item in enumerate(grown) if item.startswith("hydra.sweep.dir="))
+    axes = [(k, v.split(",")) for k, v in (item.split("=", 1) for item in grown[start:end])]
+    assert [k for k, _ in axes] == ["growth", "model.start_fraction", "growth.dt", "seed"]
+    assert sorted(axes[0][1]) == sorted(METHODS)
+    jobs = [[f"{k}={v}" for (k, _), v in zip(axes, combo)] for combo in itertools.product(*(v for _, v in axes))]
+    assert len(jobs) == 2 * len(METHODS)
+    for job in jobs:
+        cfg = compose_experiment(f"table1_{scale}", *job)
+        validate(cfg)
+        start_widths, targets, _ = plan(cfg, classes, images)
+        assert list(targets.values()) == final and cfg.growth.dt == 0.25
+        assert start_widths == [math.ceil(w / 64) for w in final]  # 1/64 of the final widths

@@ -84,7 +84,7 @@ class LineSearchConfig:
 
 @dataclass
 class GrowthConfig:
-    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net")
+    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net", "firefly")
     # when: every dt epochs (fractions allowed) from first_epoch until last_epoch (None: open)
     dt: float = bounded(1.0, 0.0, lo_open=True)
     first_epoch: float = bounded(1.0, 0.0)
@@ -128,6 +128,14 @@ class GrowthConfig:
     gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm
     net2net_pick: str = choices("random", "random", "largest")  # neurons net2net copies (largest: fan-out norm)
     net2net_noise: float = bounded(0.0, 0.0)  # net2net: fan-out noise, relative (the function is kept)
+    # firefly (growth/firefly.py; defaults from the authors' code, github.com/klightz/Firefly):
+    # candidates per site (at least the neurons requested), RMSprop steps on them, one statistics
+    # batch each (None: one pass over the statistics batches, as the reference makes one pass over
+    # its growth data), their learning rate, the candidates' fan-out scale eps (U(-eps, eps))
+    firefly_candidates: int = bounded(70, 1)
+    firefly_steps: Optional[int] = bounded(None, 0)
+    firefly_lr: float = bounded(1e-3, 0.0, lo_open=True)
+    firefly_eps: float = bounded(1e-2, 0.0, lo_open=True)
     noise_sigmas: float = bounded(2.0, 0.0)  # adaptive: keep lambda_k^2 above this many noise SDs
     rel_eps: float = bounded(1e-7, 0.0, 1.0, lo_open=True)  # relative eigenvalue threshold
     # where the float64 solves run: auto (CPU models: the CPU; CUDA: the faster of GPU and CPU at a

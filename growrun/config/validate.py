@@ -27,10 +27,13 @@ def validate(cfg: DictConfig) -> None:
     if g.extra_epochs is not None and g.when != "schedule":
         raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: plans the run length from the growth schedule, "
                            f"which growth.when={g.when} may skip; use growth.when=schedule or set trainer.epochs")
-    if g.apply_dw and g.method in ("gradmax", "zero", "net2net"):
+    if g.apply_dw and g.method in ("gradmax", "zero", "net2net", "firefly"):
         raise GrowrunError(f"growth.apply_dw=true: not with growth.method={g.method}, which inserts without a line "
-                           f"search (function preserving), so dW2* would get no amplitude; use growth.apply_dw=false "
-                           f"or growth.method=tiny|tiny_noproj|random")
+                           f"search ({'as trained' if g.method == 'firefly' else 'function preserving'}), so dW2* "
+                           f"would get no amplitude; use growth.apply_dw=false or growth.method=tiny|tiny_noproj|random")
+    if g.method == "firefly" and g.stats == "training":
+        raise GrowrunError("growth.stats=training: not with growth.method=firefly, which trains its candidates on "
+                           "the statistics batches of a pass; use growth.stats=pass")
     if g.conv_fanout == "full" and g.method != "none" and cfg.model.name != "mlp":
         raise GrowrunError(f"growth.conv_fanout=full: not implemented for the convolutional sites of "
                            f"model={cfg.model.name}; use center (exact, the default)")

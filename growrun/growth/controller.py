@@ -42,12 +42,15 @@ already computed), F_front per line-search image and site, F_rest per line-searc
 evaluated (the search's evaluations and the loss after insertion).
 
 Function-preserving methods (gradmax, zero, net2net) skip the line search: gamma = 1, their fan-out
-scale is their own. Statistics and line search run in training mode (the mode training
+scale is their own. growth=firefly trains its candidates on the statistics batches (run through
+the network before the site's block once; growrun.growth.firefly) and inserts the kept ones as
+trained, gamma = 1, no search (not function preserving); its compute counts, per site, F_front per
+statistics sample and 3 (F_rest + the candidates' FLOPs) per sample of each training step and of
+the score pass. Statistics and line search run in training mode (the mode training
 continues in) without touching BatchNorm running statistics.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -58,10 +61,11 @@ import torch.nn.functional as F
 
 from growrun import faults
 from growrun.data.loader import derive_seed
-from growrun.growth import policy
+from growrun.growth import firefly, policy
 from growrun.growth.adaptive import adaptive_count
+from growrun.growth.growth_log import COLUMNS, cut_reason, score, unusable_stats, zeroed
 from growrun.growth.draws import draw_samples, global_mean_loss, log_draw_sizes, measure, split_at
-from growrun.growth.linesearch import SearchResult, line_search
+from growrun.growth.linesearch import SearchResult, at_gamma, line_search
 from growrun.growth.neurons import Proposal, net2net_copies, propose
 from growrun.growth.scale import existing_norms, neuron_norms, rebalance, rebalance_factors
 from growrun.growth.site import frozen_bn_stats
@@ -75,14 +79,7 @@ from growrun.train.outputs import CsvLog
 log = logging.getLogger("growrun")
 _GROWTH_STREAM = 0x67726F77
 FUNCTION_PRESERVING = ("gradmax", "zero", "net2net")
-COLUMNS = [
-    "event", "epoch", "step", "site", "method", "samples", "requested", "added", "reason", "trigger", "width_after",
-    "params_after",
-    "psi", "d_w", "lambdas_top", "bottleneck_gain", "first_order", "gamma", "predicted_gain",
-    "loss_before", "loss_candidate", "loss_after", "measured_gain",
-    "fanin_norm", "fanin_ref", "fanout_norm", "fanout_ref",
-    "stats_seconds", "solve_seconds", "search_seconds",
-]
+AS_TRAINED = ("firefly",)  # inserted as proposed (gamma = 1) without a line search, the function changes
 
 
 class GrowthController:
@@ -97,6 +94,7 @@ class GrowthController:
         self.event, self.turn = 0, 0
         self.flops = 0  # growth compute so far (see the module doc)
         self.model = model  # grown in place: the same object for the whole run
+        self._event: dict | None = None  # the current event's model and statistics batches (growth=firefly)
         self.log = CsvLog(run_dir / "growth.csv", COLUMNS)
         self.writes = True  # start_log(write=False) on ranks other than 0
         self.training_stats = self.g.stats == "training"
@@ -104,6 +102,7 @@ class GrowthController:
             if self.training_stats else {}
         self.recording: stats_training.TrainingStats | None = None  # the open window's statistics
         self._window_state: dict | None = None  # a resumed window's partial sums (attached by watch)
+        self.window_end = 0  # the event step the open window records for
         log_draw_sizes(self.g, n_train)
         self.losses: list[float] = []  # growth.when=plateau: the monitored loss of every evaluated epoch
         self.plateau_used = 0  # len(self.losses) when the plateau trigger last fired
@@ -121,6 +120,9 @@ class GrowthController:
     def watch(self, step: int) -> None:
         """Before the forward of optimizer step `step` (growth.stats=training): open the next
         event's statistics window when `step` starts it (stats_training.window_starts)."""
+        if self.recording is not None and step > self.window_end:  # its event did not run: nothing left to grow
+            self.recording.detach()
+            self.recording = None
         if self.recording is None and self._window_state is not None:  # resumed inside a window
             state, self._window_state = self._window_state, None
             sites = self.model.sites()
@@ -132,13 +134,15 @@ class GrowthController:
                     if self.g.sites != "best_gain" else pending
                 sites = self.model.sites()
                 self.recording = stats_training.TrainingStats([sites[n] for n in names])
+                self.window_end = self.windows[step]
         if self.recording is not None:
             self.recording.attach()
 
     def state_dict(self) -> dict:
         window = self.recording.state_dict() if self.recording is not None else self._window_state
         return {"event": self.event, "turn": self.turn, "start": dict(self.start), "flops": self.flops,
-                "window": window, "losses": list(self.losses), "plateau_used": self.plateau_used}
+                "window": window, "window_end": self.window_end, "losses": list(self.losses),
+                "plateau_used": self.plateau_used}
 
     def load_state_dict(self, state: dict) -> None:
         self.event, self.turn, self.start = state["event"], state["turn"], dict(state["start"])
@@ -146,6 +150,7 @@ class GrowthController:
         if self.recording is not None:
             self.recording.detach()
         self.recording, self._window_state = None, state.get("window")
+        self.window_end = state.get("window_end") or 0
         self.losses, self.plateau_used = list(state.get("losses", [])), state.get("plateau_used", 0)  # absent: older
 
     def record_loss(self, row: dict, has_val: bool) -> None:
@@ -190,13 +195,16 @@ class GrowthController:
             dist.sum_(site_stats.tensors())
         stats_seconds = (time.time() - t0 + window_seconds) / max(1, len(grow_now))
         faults.reach("stats")
+        self._event = {"model": model, "batches": stats_batches, "dist": dist, "shape": trainer.data.input_shape,
+                       "n_stats": n_stats}  # what growth=firefly trains on (_firefly_hook)
         proposals, trails, solve_seconds = {}, {}, {}
         for name in grow_now:
             t0 = time.time()
             proposals[name], trails[name] = self._propose(sites[name], stats[name], gen)
             solve_seconds[name] = time.time() - t0
+        self._event = None
         if self.g.sites == "best_gain":
-            scores = {n: _score(p, sites[n]) for n, p in proposals.items()}
+            scores = {n: score(p, sites[n]) for n, p in proposals.items()}
             grow_now = policy.pick_sites("best_gain", pending, self.names, self.turn, scores)
         moment_batches = [x for x, _ in stats_batches] if recording is None else None
         rows, base = [], None  # a site's L(0) is the loss after the site before it (same batch and model)
@@ -265,11 +273,11 @@ class GrowthController:
         g = self.g
         k = policy.requested_count(g, site.width, self.start[site.name], self.targets[site.name])
         trail = [("", k)]
-        unusable = _unusable(stats, g.method)
+        unusable = unusable_stats(stats, g.method)
         if unusable:
             log.warning("growth %d: site %s not grown, its statistics are %s", self.event + 1, site.name,
                         "not finite" if unusable == "nonfinite" else "degenerate (zero gradient)")
-            stats, k = _zeroed(stats), 0
+            stats, k = zeroed(stats), 0
             trail.append((unusable, 0))
         if g.neurons == "adaptive" and k:
             k = adaptive_count(stats, projection=g.method != "tiny_noproj", noise_sigmas=g.noise_sigmas,
@@ -277,13 +285,22 @@ class GrowthController:
             trail.append(("adaptive", k))
         proposal = propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
                            rel_eps=g.rel_eps, generator=gen, net2net_pick=g.net2net_pick, net2net_noise=g.net2net_noise,
-                           solve_device=g.solve_device)
+                           solve_device=g.solve_device,
+                           firefly=self._firefly_hook(site, gen) if g.method == "firefly" else None)
         trail.append(("rank", proposal.count))
         if g.when == "bottleneck" and not unusable and \
                 not policy.bottleneck_fires(proposal.psi, float(stats.g2) / max(stats.n, 1), g.when_threshold):
             proposal = proposal.take(0)  # the trigger comes first: every later stage has 0
             trail = [trail[0], ("trigger", 0), *((stage, 0) for stage, _ in trail[1:])]
         return proposal, trail
+
+    def _firefly_hook(self, site, gen):
+        """growth=firefly: the proposal hook of `site` (propose(firefly=...)), trained on this
+        event's statistics batches; its compute is added to flops (firefly.event_hook)."""
+        def add(flops: int) -> None:
+            self.flops += flops
+
+        return firefly.event_hook(self.g, self._event, site, self._loss_fn("sum"), gen, add)
 
     def _grow_site(self, model, site, proposal: Proposal, trail: list, moment_batches, search_batch, trainer,
                    base: float | None = None) -> dict:
@@ -321,7 +338,7 @@ class GrowthController:
         return {
             "event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,
             "site": site.name, "method": self.g.method, "requested": trail[0][1], "added": added,
-            "reason": _cut_reason(trail), "width_after": site.width, "params_after": count_params(model),
+            "reason": cut_reason(trail), "width_after": site.width, "params_after": count_params(model),
             "psi": proposal.psi, "d_w": proposal.d_w,
             "lambdas_top": ";".join(f"{v:.4g}" for v in proposal.lambdas[:5].tolist()),
             "bottleneck_gain": proposal.bottleneck_gain, "first_order": self._slope(proposal), "gamma": found.gamma,
@@ -340,11 +357,14 @@ class GrowthController:
 
     def _search(self, model, site, proposal: Proposal, neurons, moments, search_batch, forward,
                 base: float | None) -> SearchResult:
-        """gamma by line search; function-preserving methods: gamma = 1 (no search)."""
+        """gamma by line search; function-preserving methods and firefly: gamma = 1 (no search)."""
         g, loss_mean = self.g, self._mean_loss
         if g.method in FUNCTION_PRESERVING:  # the function does not change
             before = base if base is not None else measure(model, search_batch, loss_mean, forward)
             return SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, int(base is None))
+        if g.method in AS_TRAINED:  # inserted as trained: L(gamma = 1) measured, no search
+            return at_gamma(model, site, neurons, moments, self._slope(proposal), 1.0, search_batch, loss_mean,
+                            g.bn_init, forward=forward, base=base)
         update = self._update_fn(site, proposal) if g.apply_dw else None
         return line_search(model, site, neurons, moments, self._slope(proposal), search_batch, loss_mean,
                            g.line_search, update, g.bn_init, forward=forward, base=base)
@@ -387,32 +407,3 @@ class GrowthController:
                 apply_weight_update(site, proposal.dw2, proposal.db2, scale)
 
         return update
-
-
-def _unusable(stats, method: str) -> str:
-    """Why a site's statistics cannot be used: "nonfinite" (NaN / inf anywhere), "degenerate"
-    (zero gradient energy g2: nothing for tiny / tiny_noproj / gradmax to fit), or "" if fine."""
-    if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
-        return "nonfinite"
-    fitted = method in ("tiny", "tiny_noproj", "gradmax")
-    return "degenerate" if fitted and float(stats.g2) <= 0 else ""
-
-
-def _zeroed(stats):
-    """The same statistics with every sum zeroed (a proposal of 0 neurons from them is empty)."""
-    return dataclasses.replace(stats, **{f: torch.zeros_like(getattr(stats, f))
-                                         for f in ("S1", "S2", "M1_folds", "M2_folds", "P_folds", "g2")})
-
-
-def _cut_reason(trail: list[tuple[str, int]]) -> str:
-    """The first stage of the trail that lowered the neuron count ("" if none did)."""
-    for (_, before), (stage, after) in zip(trail, trail[1:]):
-        if after < before:
-            return stage
-    return ""
-
-
-def _score(proposal: Proposal, site) -> float:
-    """Expected first-order gain per added parameter (best_gain site choice)."""
-    gain = proposal.bottleneck_gain if proposal.bottleneck_gain > 0 else -proposal.first_order
-    return gain / max(1, proposal.count * site.params_per_neuron()) if proposal.count else -math.inf

@@ -11,7 +11,8 @@ From there gamma backtracks geometrically (gamma <- shrink * gamma) on the true 
 of a held batch, evaluated with the candidate neurons attached by hooks (no module rebuilt),
 until the loss has decreased and stops improving; the best gamma seen wins. When no tried
 gamma lowers the loss, gamma = 0: no growth at this site. No neurons, or a slope p >= 0 (no
-first-order decrease): gamma = 0 at once, L(0) measured only.
+first-order decrease): gamma = 0 at once, L(0) measured only. `at_gamma` measures a fixed
+amplitude instead of searching (growth=firefly: its candidates go in as trained, gamma = 1).
 
 `forward` (default: the model) maps the batch's inputs to logits; the controller passes the
 part of the network from the site's block on, with the batch's inputs already run through the
@@ -82,3 +83,25 @@ def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: 
                 break  # passed the best amplitude along the backtracking sequence
             gamma *= cfg.shrink
     return SearchResult(best_gamma, base, best_loss, slope * best_gamma**2, evaluations)
+
+
+@torch.no_grad()
+def at_gamma(model: nn.Module, site: Site, neurons: Neurons, moments, slope: float, gamma: float,
+             batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable, bn_init: str = "unit",
+             forward: Callable | None = None, base: float | None = None) -> SearchResult:
+    """No search: the neurons at the fixed amplitude `gamma` (growth=firefly inserts its trained
+    candidates as they are, gamma = 1), L(0) (unless `base`) and L(gamma) measured on the batch
+    with the candidate attached as line_search does; gamma = 0 when there are no neurons."""
+    x, y = batch
+    forward = forward or model
+    evaluations = int(base is None)
+    if base is None:
+        with frozen_bn_stats(model):
+            base = float(loss_fn(forward(x), y))
+    if neurons.count == 0 or gamma == 0:
+        return SearchResult(0.0, base, base, 0.0, evaluations)
+    mean, var = moments if moments is not None else (None, None)
+    with frozen_bn_stats(model), candidate(site, neurons, mean, var, bn_init) as cand:
+        cand.gamma = gamma
+        loss = float(loss_fn(forward(x), y))
+    return SearchResult(gamma, base, loss, slope * gamma**2, evaluations + 1)

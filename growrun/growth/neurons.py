@@ -38,6 +38,12 @@ Methods
     Copies are made from the site's weights at insertion (net2net_copies), so a neighbouring site
     grown earlier in the same event is copied as it is then. A site of width 0 has nothing to
     copy (refused up front: growrun/config/growable.py).
+  * firefly (Firefly neural architecture descent, Wu, Liu, Stone, Liu, NeurIPS 2020): new
+    neurons drawn at small scale, trained for a few steps on the statistics batches, the `count`
+    of largest first-order loss decrease kept (growrun.growth.firefly, which documents the
+    formulas and the reference code). It needs the model and the statistics batches, not only
+    the statistics: propose(..., firefly=hook), hook(site, count) -> (Neurons, per-neuron
+    first-order change per gamma^2), made by firefly.proposer (the controller does so per site).
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ from .solve_device import moved, solve_device as pick_solve_device
 from .stats import SiteStats
 from .unfold import site_dims
 
-METHODS = ("tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net")
+METHODS = ("tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net", "firefly")
 NET2NET_PICKS = ("random", "largest")
 SLOPE_AT_ZERO = {"relu": 1.0, "identity": 1.0}
 
@@ -67,7 +73,8 @@ class Proposal:
     lambdas: the whole TINY spectrum lambda (float64, decreasing; empty for other methods).
     bottleneck_gain: sum of lambda_k^2 over the kept neurons (linearised reduction of Psi).
     first_order: predicted change of the mean loss per gamma^2, s0 * sum_k alpha_k^T M1 omega_k.
-    per_neuron: its terms s0 * alpha_k^T M1 omega_k, one per neuron (float64).
+    per_neuron: its terms s0 * alpha_k^T M1 omega_k, one per neuron (float64); firefly: each
+      neuron's score s_k = (1/n) sum_i <g_i, c_k(x_i)>, exact to first order in gamma^2 (firefly.py).
     psi, d_w: the site's bottleneck Psi = g2 - d_W and the best update's first-order gain d_W.
     dw2, db2: the best update dW2* of L2's weight (L2's weight shape) and bias (or None).
     copy_of: net2net only: the existing neuron each new neuron copies (int64, K); the neurons
@@ -138,8 +145,10 @@ def _he(shape, fan_in: int, generator) -> torch.Tensor:
 def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanout: str = "center",
             gradmax_scale: float = 0.5, rel_eps: float = 1e-7,
             generator: torch.Generator | None = None, net2net_pick: str = "random",
-            net2net_noise: float = 0.0, solve_device: str = "auto") -> Proposal:
-    """Neurons of `method` for `site` from its statistics (see the module doc for each method)."""
+            net2net_noise: float = 0.0, solve_device: str = "auto", firefly=None) -> Proposal:
+    """Neurons of `method` for `site` from its statistics (see the module doc for each method).
+    firefly: method "firefly" only, the hook (site, count) -> (Neurons, per-neuron first-order
+    change) that trains and selects its candidates (growrun.growth.firefly.proposer)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; allowed: {METHODS}")
     if net2net_pick not in NET2NET_PICKS:
@@ -163,6 +172,8 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
     gain = 0.0
     if method == "net2net":
         return _net2net_proposal(site, count, net2net_pick, net2net_noise, generator, psi, d_w, dW2T)
+    if method == "firefly":
+        return _firefly_proposal(site, count, firefly, psi, d_w, dW2T)
     if method in ("tiny", "tiny_noproj"):
         N = tiny_matrix(ns.M1, ns.P, dW2T) if method == "tiny" else tiny_matrix(ns.M1)
         sol = tiny_solve(ns.S1, N, ns.M1, count, rel_eps=rel_eps, s0=s0, g2=ns.g2)
@@ -197,6 +208,20 @@ def _best_update_tensors(site: Site, dW2T: torch.Tensor) -> tuple[torch.Tensor, 
         db2, D = D[:, -1], D[:, :-1]
     wdev, wdt = site.l2.weight.device, site.l2.weight.dtype
     return D.reshape(site.l2.weight.shape).to(wdev, wdt), None if db2 is None else db2.to(wdev, wdt)
+
+
+# --- firefly ---------------------------------------------------------------------------------------
+
+def _firefly_proposal(site: Site, count: int, firefly, psi: float, d_w: float, dW2T: torch.Tensor) -> Proposal:
+    """firefly's Proposal: the hook's kept candidates (best first) and their scores."""
+    if firefly is None:
+        raise ValueError("method='firefly' trains candidates on the model and the statistics batches: pass "
+                         "firefly=growrun.growth.firefly.proposer(model, batches, loss_fn, ...)")
+    neurons, per_neuron = firefly(site, count)
+    dw2, db2 = _best_update_tensors(site, dW2T)
+    per_neuron = per_neuron.to(dw2.device, torch.float64)
+    return Proposal("firefly", neurons, torch.zeros(0, dtype=torch.float64, device=dw2.device), 0.0,
+                    float(per_neuron.sum()), psi, d_w, dw2, db2, per_neuron)
 
 
 # --- net2net (Net2WiderNet) ---------------------------------------------------------------------

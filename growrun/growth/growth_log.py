@@ -1,0 +1,49 @@
+"""The vocabulary of growth.csv: its columns, and the helpers that decide what a site's row says
+(why a site's statistics are unusable, which stage cut its neuron count, its best_gain score).
+Used by growrun.growth.controller, which writes the rows."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from growrun.growth.neurons import Proposal
+
+COLUMNS = [
+    "event", "epoch", "step", "site", "method", "samples", "requested", "added", "reason", "trigger", "width_after",
+    "params_after",
+    "psi", "d_w", "lambdas_top", "bottleneck_gain", "first_order", "gamma", "predicted_gain",
+    "loss_before", "loss_candidate", "loss_after", "measured_gain",
+    "fanin_norm", "fanin_ref", "fanout_norm", "fanout_ref",
+    "stats_seconds", "solve_seconds", "search_seconds",
+]
+
+
+def unusable_stats(stats, method: str) -> str:
+    """Why a site's statistics cannot be used: "nonfinite" (NaN / inf anywhere), "degenerate"
+    (zero gradient energy g2: nothing for tiny / tiny_noproj / gradmax to fit), or "" if fine."""
+    if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
+        return "nonfinite"
+    fitted = method in ("tiny", "tiny_noproj", "gradmax")
+    return "degenerate" if fitted and float(stats.g2) <= 0 else ""
+
+
+def zeroed(stats):
+    """The same statistics with every sum zeroed (a proposal of 0 neurons from them is empty)."""
+    return dataclasses.replace(stats, **{f: torch.zeros_like(getattr(stats, f))
+                                         for f in ("S1", "S2", "M1_folds", "M2_folds", "P_folds", "g2")})
+
+
+def cut_reason(trail: list[tuple[str, int]]) -> str:
+    """The first stage of the trail that lowered the neuron count ("" if none did)."""
+    for (_, before), (stage, after) in zip(trail, trail[1:]):
+        if after < before:
+            return stage
+    return ""
+
+
+def score(proposal: Proposal, site) -> float:
+    """Expected first-order gain per added parameter (best_gain site choice)."""
+    gain = proposal.bottleneck_gain if proposal.bottleneck_gain > 0 else -proposal.first_order
+    return gain / max(1, proposal.count * site.params_per_neuron()) if proposal.count else -math.inf
