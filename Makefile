@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # The test suite (CPU, a few minutes): what CI runs.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 # The main job: grow a tiny ResNet18 on CIFAR-10 with TINY. Extra overrides: make train ARGS='seed=1'
 train: $(STAMP)

@@ -49,8 +49,11 @@ def window_starts(events: Sequence[int], samples: int, batch_size: int) -> dict[
 class _TrainingRecorder(_SiteRecorder):
     """A site recorder fed by training steps: g arrives through a tensor hook on a."""
 
-    batches = 0  # training batches recorded (their index decides the fold)
-    seconds = 0.0  # time spent adding products
+    def __init__(self, site: Site, folds: int, device, dtype, scratch: _Scratch) -> None:
+        super().__init__(site, folds, device, dtype)
+        self.scratch = scratch
+        self.batches = 0  # training batches recorded (their index decides the fold)
+        self.seconds = 0.0  # time spent adding products
 
     def _pre1(self, m, args) -> None:
         if torch.is_grad_enabled():
@@ -88,9 +91,8 @@ class TrainingStats:
         first = next(iter(sites[0].l1.parameters()))
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         scratch = _Scratch()
-        self.recorders = [_TrainingRecorder(s, folds, first.device, dtype) for s in sites]
+        self.recorders = [_TrainingRecorder(s, folds, first.device, dtype, scratch) for s in sites]
         for rec in self.recorders:
-            rec.scratch = scratch
             if state is not None:
                 rec.load(state[rec.site.name])
         self.handles: list = []
