@@ -13,7 +13,6 @@ import threading
 import pytest
 import torch
 
-from growrun.cli import main
 from growrun.growth import firefly
 from growrun.growth.linesearch import at_gamma
 from growrun.growth.neurons import METHODS, propose
@@ -21,6 +20,7 @@ from growrun.growth.site import Neurons
 from growrun.growth.surgery import new_channel_moments
 from test_growth_neurons import mean_loss, widen
 from test_growth_stats import DT, SiteNet, data, one_thread, stats_of, sum_ce  # noqa: F401
+from test_growth_matrix import cli, restore_torch_threads  # noqa: F401 (the CLI helper and the autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
@@ -229,22 +229,6 @@ GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "
         "growth.steps=2", "growth.dt=0.5", "growth.samples=128", "growth.stats_batch_size=64",
         "growth.line_search.batch_size=64", "trainer.batch_size=64", "trainer.epochs=3", "trainer.threads=1",
         "trainer.progress=off", "dataset.augment=true", "growth.firefly_steps=6", "growth.firefly_candidates=12"]
-
-
-def cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as ex:
-        return ex.code
-
-
-@pytest.fixture(autouse=True)
-def restore_torch_threads(monkeypatch):
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def test_firefly_trains_end_to_end(tmp_path):

@@ -5,22 +5,20 @@ symmetry-breaking fan-out noise), the 'largest' pick against an explicit loop, w
 refused up front, and a short end-to-end run on synthetic data."""
 from __future__ import annotations
 
-import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from growrun.cli import main
 from growrun.growth.neurons import METHODS, net2net_copies, net2net_sources, propose
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import insert_copies
 from growrun.models import build_model
 from growrun.train.optim import build_optimizer
+from test_growth_matrix import cli, read_csv, restore_torch_threads  # noqa: F401 (the CLI helper and the autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
@@ -185,27 +183,6 @@ RESNET_RUN = ["model=resnet18", "model.width=0.0625", "dataset.image_size=8",
               "model.site_widths=[1,1,1,1,1,1,1,2]", "growth.target_widths=[3,1,1,2,1,1,1,4]"]
 MLP_RUN = ["model=mlp", "model.hidden=[16,16]", "dataset.image_size=8", "model.site_widths=[2,3]",
            "growth.target_widths=[6,7]"]
-
-
-def cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as ex:
-        return ex.code
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(autouse=True)
-def restore_torch_threads(monkeypatch):
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.mark.parametrize("model, extra", [(RESNET_RUN, []),
