@@ -102,7 +102,6 @@ class GrowthController:
             if self.training_stats else {}
         self.recording: stats_training.TrainingStats | None = None  # the open window's statistics
         self._window_state: dict | None = None  # a resumed window's partial sums (attached by watch)
-        self.window_end = 0  # the event step the open window records for
         log_draw_sizes(self.g, n_train)
         self.losses: list[float] = []  # growth.when=plateau: the monitored loss of every evaluated epoch
         self.plateau_used = 0  # len(self.losses) when the plateau trigger last fired
@@ -120,7 +119,7 @@ class GrowthController:
     def watch(self, step: int) -> None:
         """Before the forward of optimizer step `step` (growth.stats=training): open the next
         event's statistics window when `step` starts it (stats_training.window_starts)."""
-        if self.recording is not None and step > self.window_end:  # its event did not run: nothing left to grow
+        if self.recording is not None and step - 1 in self.schedule:  # its event did not take it: nothing to grow
             self.recording.detach()
             self.recording = None
         if self.recording is None and self._window_state is not None:  # resumed inside a window
@@ -134,14 +133,13 @@ class GrowthController:
                     if self.g.sites != "best_gain" else pending
                 sites = self.model.sites()
                 self.recording = stats_training.TrainingStats([sites[n] for n in names])
-                self.window_end = self.windows[step]
         if self.recording is not None:
             self.recording.attach()
 
     def state_dict(self) -> dict:
         window = self.recording.state_dict() if self.recording is not None else self._window_state
         return {"event": self.event, "turn": self.turn, "start": dict(self.start), "flops": self.flops,
-                "window": window, "window_end": self.window_end, "losses": list(self.losses),
+                "window": window, "losses": list(self.losses),
                 "plateau_used": self.plateau_used}
 
     def load_state_dict(self, state: dict) -> None:
@@ -150,7 +148,6 @@ class GrowthController:
         if self.recording is not None:
             self.recording.detach()
         self.recording, self._window_state = None, state.get("window")
-        self.window_end = state.get("window_end") or 0
         self.losses, self.plateau_used = list(state.get("losses", [])), state.get("plateau_used", 0)  # absent: older
 
     def record_loss(self, row: dict, has_val: bool) -> None:
