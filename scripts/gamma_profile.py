@@ -23,9 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from growrun.data import load_data
 from growrun.data.loader import BatchLoader
 from growrun.growth import policy
 from growrun.growth.draws import draw_samples
@@ -33,8 +31,9 @@ from growrun.growth.neurons import propose
 from growrun.growth.site import Neurons, frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import candidate, new_channel_moments
-from growrun.models import build_model, count_params, full_site_widths
-from growrun.train.outputs import load_checkpoint
+from growrun.models import count_params, full_site_widths
+
+from run_loading import load_run
 
 GAMMAS = [2.0 ** e for e in range(-4, 5)]  # x the gamma whose predicted gain is 1% of L(0)
 
@@ -82,15 +81,10 @@ def main() -> None:
     p.add_argument("--rel-eps", type=float, default=None, help="relative eigenvalue threshold (default: the run's)")
     p.add_argument("--out", type=Path, default=Path("bench/gamma_profile.json"))
     args = p.parse_args()
-    ckpt, _ = load_checkpoint(args.run_dir / "checkpoints" / "last.pt", torch.device("cpu"))
-    cfg = OmegaConf.create(ckpt["config"])
+    ckpt, cfg, data, model = load_run(args.run_dir)
     if args.rel_eps is not None:
         cfg.growth.rel_eps = args.rel_eps
     g, method = cfg.growth, args.method or cfg.growth.method
-    data = load_data(cfg.dataset, torch.device("cpu"), cfg.seed)
-    model = build_model(ckpt["arch"]).to(memory_format=torch.channels_last)
-    model.load_state_dict(ckpt["model"])
-    model.train()
     norm = BatchLoader(data.train, 1, mean=data.mean, std=data.std, shuffle=False, augment=False,
                        drop_last=False, seed=0)
     gen = torch.Generator().manual_seed(12345)

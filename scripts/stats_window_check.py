@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from growrun.data import load_data
 from growrun.data.loader import BatchLoader
 from growrun.growth import policy
 from growrun.growth.draws import draw_samples
@@ -37,9 +35,10 @@ from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.stats_training import TrainingStats
 from growrun.growth.surgery import new_channel_moments
-from growrun.models import build_model, count_params, full_site_widths
+from growrun.models import count_params, full_site_widths
 from growrun.train.optim import build_optimizer
-from growrun.train.outputs import load_checkpoint
+
+from run_loading import load_run
 
 
 def record(model, opt, batches, smoothing: float, step: bool) -> dict:
@@ -65,14 +64,9 @@ def main() -> None:
     p.add_argument("--lr-scale", type=float, default=1.0, help="scale the run's learning rate for the window's steps")
     p.add_argument("--out", type=Path, default=Path("bench/stats_window.json"))
     args = p.parse_args()
-    ckpt, _ = load_checkpoint(args.run_dir / "checkpoints" / "last.pt", torch.device("cpu"))
-    cfg = OmegaConf.create(ckpt["config"])
+    ckpt, cfg, data, model = load_run(args.run_dir)
     g, t = cfg.growth, cfg.trainer
     samples = args.samples or g.samples
-    data = load_data(cfg.dataset, torch.device("cpu"), cfg.seed)
-    model = build_model(ckpt["arch"]).to(memory_format=torch.channels_last)
-    model.load_state_dict(ckpt["model"])
-    model.train()
     opt = build_optimizer(model, cfg.optim)
     opt.load_state_dict(ckpt["trainer"]["optimizer"])
     for group in opt.param_groups:
