@@ -139,7 +139,7 @@ BAD_CONFIG = [
     ("+trainer.epoch=3", "trainer.epoch: no such config key; did you mean trainer.epochs?"),  # was ignored
     ("++optim.lrr=0.1", "optim.lrr: no such config key; did you mean optim.lr?"),  # was ignored
     ("grwth=tiny", "grwth: no such config key; did you mean growth?"),
-    ("growth=tinyy", "growth=tinyy: no such config; available in growth/: firefly, gradmax, net2net, none, random, tiny"),
+    ("growth=tinyy", "growth=tinyy: no such config; available in growth/: firefly, gradmax, net2net, none, random, splitting, tiny"),
     ("model.site_widths=[4,4]", "model.site_widths=[4, 4]: needs 1 widths >= 0, one per site (fc1)"),  # was late
     ("growth.target_widths=[4,4]", "growth.target_widths=[4, 4]: needs 1 widths, one per site (fc1)"),
     ("growth.only=[fc9]", "growth.only=['fc9']: no such site; sites are fc1"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from growrun.growth import firefly
+from growrun.growth import firefly, splitting
 from growrun.growth.neurons import METHODS, propose
 from growrun.growth.site import Neurons
 from growrun.growth.stats import collect_statistics
@@ -77,7 +77,10 @@ def fan_vectors(site, prop):
 
 
 def model_inputs(method, net, batches, loss_fn=sum_ce):
-    """propose's extra arguments: firefly trains candidates on the model and batches (test_firefly.py)."""
+    """propose's extra arguments: firefly trains candidates on the model and batches (test_firefly.py),
+    splitting measures its splitting matrices on them (test_splitting.py)."""
+    if method == "splitting":
+        return {"splitting": splitting.proposer(net, batches, loss_fn, generator=torch.Generator().manual_seed(1))}
     if method != "firefly":
         return {}
     return {"firefly": firefly.proposer(net, batches, loss_fn, n_candidates=5, steps=3,
@@ -95,6 +98,8 @@ def setup(conv, *, act="relu", width=3, n=3, seed=0, **kw):
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("method", METHODS)
 def test_proposal_shapes_and_gamma_zero(conv, method):
+    if method == "splitting":
+        pytest.skip("splitting's neurons are split directions of existing neurons (tests/test_splitting.py)")
     net, batches, st = setup(conv, bias1=not conv, bias2=True, m=5)
     site = net.site()
     K = 2
@@ -129,16 +134,17 @@ def test_proposal_float32_on_site_device():
     assert prop.neurons.w1.device == net.l1.weight.device
 
 
-def test_stale_statistics_rejected_and_full_fanout_not_implemented():
+def test_stale_statistics_rejected_and_full_fanout_needs_its_statistics():
     net, _, st = setup(False)
     with pytest.raises(ValueError, match="stale"):
         propose(SiteNet(False, width=4).site(), st, "tiny", 1)
     assert propose(net.site(), st, "tiny", 1, conv_fanout="full").count == 1  # Linear: no kernel
-    cnet, _, cst = setup(True, n=1)
-    with pytest.raises(NotImplementedError):
+    cnet, _, cst = setup(True, n=1)  # centre-tap statistics (conv_fanout=full: tests/test_fullconv.py)
+    with pytest.raises(ValueError, match="needs statistics collected with conv_fanout='full'"):
         propose(cnet.site(), cst, "tiny", 1, conv_fanout="full")
-    with pytest.raises(NotImplementedError):
-        collect_statistics(cnet, [cnet.site()], [], sum_ce, conv_fanout="full")
+    with pytest.raises(ValueError, match="conv_fanout='full': not with method='gradmax'"):
+        propose(cnet.site(), cst, "gradmax", 1, conv_fanout="full")
+    assert collect_statistics(cnet, [cnet.site()], [], sum_ce, conv_fanout="full")["s"].full is not None
     with pytest.raises(ValueError):
         propose(net.site(), st, "bogus", 1)
 

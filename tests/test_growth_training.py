@@ -105,8 +105,8 @@ def test_growth_config_combinations_are_checked():
 
     with pytest.raises(GrowrunError, match="growth.extra_epochs=2: needs .*neurons=to_target"):
         validate(compose_cfg("growth.extra_epochs=2", "growth.neurons=fixed"))
-    with pytest.raises(GrowrunError, match="growth.conv_fanout=full: not implemented .* model=resnet18; use center"):
-        validate(compose_cfg("growth.conv_fanout=full"))
+    with pytest.raises(GrowrunError, match="growth.conv_fanout=full: not with growth.stats=training"):
+        validate(compose_cfg("growth.conv_fanout=full", "growth.stats=training"))
 
 
 class TwoLayer(nn.Module):
@@ -194,9 +194,14 @@ GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "
         "trainer.progress=off", "dataset.augment=true"]
 
 
-def compose_cfg(*overrides):
+def compose_with(base, *overrides):
+    """The composed `train` config of the overrides `base` then `overrides` (also test_growth_when)."""
     with initialize_config_module("growrun.configs", version_base="1.3"):
-        return compose("train", overrides=[*GROW, *overrides])
+        return compose("train", overrides=[*base, *overrides])
+
+
+def compose_cfg(*overrides):
+    return compose_with(GROW, *overrides)
 
 
 def read(path):

@@ -8,7 +8,6 @@ import csv
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from growrun.config import store  # noqa: F401  (registers the schema for compose)
 from growrun.errors import GrowrunError
@@ -16,6 +15,7 @@ from growrun.growth import policy
 from growrun.train import run as run_module
 from growrun.train.outputs import load_checkpoint
 from growrun.train.trainer import Trainer
+from test_growth_training import compose_with
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
@@ -62,8 +62,7 @@ RUN = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "da
 
 
 def compose_cfg(*overrides):
-    with initialize_config_module("growrun.configs", version_base="1.3"):
-        return compose("train", overrides=[*RUN, *overrides])
+    return compose_with(RUN, *overrides)
 
 
 def read(path, drop=("seconds",)):

@@ -84,7 +84,8 @@ class LineSearchConfig:
 
 @dataclass
 class GrowthConfig:
-    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net", "firefly")
+    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net", "firefly",
+                          "splitting")
     # when: every dt epochs (fractions allowed) from first_epoch until last_epoch (None: open)
     dt: float = bounded(1.0, 0.0, lo_open=True)
     first_epoch: float = bounded(1.0, 0.0)
@@ -122,10 +123,13 @@ class GrowthConfig:
     apply_dw: bool = False  # also apply the best update dW2* of the existing L2 weights
     conv_fanout: str = choices("center", "center", "full")
     bn_init: str = choices("unit", "unit", "identity")  # new BN channels: weight 1 (fan-out rescaled) | identity
-    # new neurons' fan-in at insertion: rebalanced to the mean norm of the layer's existing
-    # fan-ins, fan-out inversely (the same function; growth/scale.py) | as solved and searched
-    normalize: str = choices("fan_in", "fan_in", "none")
-    gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm
+    # new neurons' scale at insertion (growth/scale.py): fan_in (fan-ins rebalanced to the mean
+    # norm of the layer's existing fan-ins, fan-outs inversely: the same function) | none (as
+    # solved and searched) | fan_out (fan-outs rebalanced to the existing fan-outs' mean norm:
+    # the same function) | mean_norm (GradMax's: fan-ins at the existing mean norm, fan-outs at
+    # gradmax_scale x theirs, instead of the searched amplitude: no line search)
+    normalize: str = choices("fan_in", "fan_in", "none", "fan_out", "mean_norm")
+    gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm (gradmax, mean_norm)
     net2net_pick: str = choices("random", "random", "largest")  # neurons net2net copies (largest: fan-out norm)
     net2net_noise: float = bounded(0.0, 0.0)  # net2net: fan-out noise, relative (the function is kept)
     # firefly (growth/firefly.py; defaults from the authors' code, github.com/klightz/Firefly):
@@ -136,6 +140,12 @@ class GrowthConfig:
     firefly_steps: Optional[int] = bounded(None, 0)
     firefly_lr: float = bounded(1e-3, 0.0, lo_open=True)
     firefly_eps: float = bounded(1e-2, 0.0, lo_open=True)
+    # splitting (growth/splitting.py): ReLU's sigma'' estimated by a Gaussian kernel of width
+    # splitting_bandwidth x the neuron's std of z; at most splitting_patches (sample, position)
+    # pairs kept (uniform, reweighted); Lanczos steps per restart cycle (input dims above 160)
+    splitting_bandwidth: float = bounded(0.25, 0.0, lo_open=True)
+    splitting_patches: int = bounded(4096, 1)
+    splitting_iters: int = bounded(32, 2)
     noise_sigmas: float = bounded(2.0, 0.0)  # adaptive: keep lambda_k^2 above this many noise SDs
     rel_eps: float = bounded(1e-7, 0.0, 1.0, lo_open=True)  # relative eigenvalue threshold
     # where the float64 solves run: auto (CPU models: the CPU; CUDA: the faster of GPU and CPU at a

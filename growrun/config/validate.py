@@ -31,12 +31,51 @@ def validate(cfg: DictConfig) -> None:
         raise GrowrunError(f"growth.apply_dw=true: not with growth.method={g.method}, which inserts without a line "
                            f"search ({'as trained' if g.method == 'firefly' else 'function preserving'}), so dW2* "
                            f"would get no amplitude; use growth.apply_dw=false or growth.method=tiny|tiny_noproj|random")
+    if (g.normalize in ("fan_out", "mean_norm") and g.method in ("net2net", "zero")) or \
+            (g.normalize == "fan_out" and g.method == "gradmax"):
+        _refuse_normalize(g)
+    if g.normalize == "mean_norm" and g.apply_dw:
+        raise GrowrunError("growth.apply_dw=true: not with growth.normalize=mean_norm, which inserts without a line "
+                           "search (the layers' scale is the amplitude), so dW2* would get no amplitude; use "
+                           "growth.apply_dw=false or growth.normalize=fan_in|fan_out|none")
+    if g.method == "splitting" and (g.apply_dw or g.stats == "training" or g.normalize in ("fan_out", "mean_norm")):
+        _refuse_splitting(g)
     if g.method == "firefly" and g.stats == "training":
         raise GrowrunError("growth.stats=training: not with growth.method=firefly, which trains its candidates on "
                            "the statistics batches of a pass; use growth.stats=pass")
-    if g.conv_fanout == "full" and g.method != "none" and cfg.model.name != "mlp":
-        raise GrowrunError(f"growth.conv_fanout=full: not implemented for the convolutional sites of "
-                           f"model={cfg.model.name}; use center (exact, the default)")
+    if g.conv_fanout == "full" and g.method != "none" and cfg.model.name != "mlp":  # conv sites: fullconv.py
+        if g.method not in ("tiny", "tiny_noproj"):
+            raise GrowrunError(f"growth.conv_fanout=full: not with growth.method={g.method} (it uses the centre tap); "
+                               f"use growth.method=tiny|tiny_noproj or growth.conv_fanout=center")
+        if g.stats == "training":
+            raise GrowrunError("growth.conv_fanout=full: not with growth.stats=training (the training steps record "
+                               "the centre-tap sums only); use growth.stats=pass or growth.conv_fanout=center")
+        if g.neurons == "adaptive":
+            raise GrowrunError("growth.conv_fanout=full: not with growth.neurons=adaptive (its per-fold noise "
+                               "estimate is centre-tap only); use growth.neurons=to_target|fixed or "
+                               "growth.conv_fanout=center")
+
+
+def _refuse_normalize(g: Any) -> None:
+    """growth.normalize=fan_out|mean_norm with a method whose new neurons it cannot scale."""
+    why = {"net2net": "whose copies are never rebalanced (they keep their originals' fan-ins and BatchNorm channels)",
+           "zero": "whose new fan-outs are 0 (nothing to scale)",
+           "gradmax": "whose fan-outs are set by growth.gradmax_scale (its zero fan-ins leave nothing to rebalance)"}
+    allowed = "fan_in|none" + ("|mean_norm" if g.method == "gradmax" else "")
+    raise GrowrunError(f"growth.normalize={g.normalize}: not with growth.method={g.method}, {why[g.method]}; "
+                       f"use growth.normalize={allowed}")
+
+
+def _refuse_splitting(g: Any) -> None:
+    """growth.method=splitting with an option it cannot honour (one line naming the value)."""
+    if g.apply_dw:
+        raise GrowrunError("growth.apply_dw=true: not with growth.method=splitting, whose split already changes the "
+                           "existing neurons' fan-outs (dW2* is for the unsplit layer); use growth.apply_dw=false")
+    if g.stats == "training":
+        raise GrowrunError("growth.stats=training: not with growth.method=splitting, which measures its splitting "
+                           "matrices on the statistics batches of a pass; use growth.stats=pass")
+    raise GrowrunError(f"growth.normalize={g.normalize}: not with growth.method=splitting, whose split neurons keep "
+                       f"their fan-in and BatchNorm channel (never rebalanced); use growth.normalize=fan_in|none")
 
 
 def _check(schema: type, node: Any, prefix: str) -> None:

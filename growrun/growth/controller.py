@@ -14,15 +14,8 @@
        exactly what the line search evaluated;
     4. append one row per site to growth.csv, also when it gets no neuron.
 
-A site may get fewer neurons than the schedule requested, 0 included; the row's `reason` names
-the first stage that cut the count: "adaptive" (the adaptive rule kept fewer), "rank" (fewer
-directions above the solver's threshold), "budget" (growth.param_budget), "no_gain" (the line
-search found no gamma that lowers the loss), "nonfinite" / "degenerate" (the site's statistics
-hold NaN or inf / a zero gradient: that site is not grown at this event, training goes on),
-"trigger" (growth.when did not fire: the site's Psi / g2 below growth.when_threshold, or no
-plateau of the monitored loss; policy.bottleneck_fires / plateau_fires); "" when all requested
-neurons were added. The row's `trigger` names what fired (schedule / bottleneck / plateau; ""
-when it did not). A plateau check that does not fire skips the event's statistics pass.
+A site may get fewer neurons than the schedule requested, 0 included: the row's `reason` and
+`trigger` say why (growrun.growth.growth_log).
 
 With several ranks (trainer.dist, growrun.train.distributed) each rank takes its share of the
 statistics batches and of the line-search batch, the statistics (sums) are summed across ranks
@@ -42,12 +35,11 @@ already computed), F_front per line-search image and site, F_rest per line-searc
 evaluated (the search's evaluations and the loss after insertion).
 
 Function-preserving methods (gradmax, zero, net2net) skip the line search: gamma = 1, their fan-out
-scale is their own. growth=firefly trains its candidates on the statistics batches (run through
-the network before the site's block once; growrun.growth.firefly) and inserts the kept ones as
-trained, gamma = 1, no search (not function preserving); its compute counts, per site, F_front per
-statistics sample and 3 (F_rest + the candidates' FLOPs) per sample of each training step and of
-the score pass. Statistics and line search run in training mode (the mode training
-continues in) without touching BatchNorm running statistics.
+scale is their own. growth=firefly / splitting use the statistics batches themselves (their
+modules' event_hook): firefly inserts its trained candidates at gamma = 1, no search (its compute:
+per site F_front per statistics sample and 3 (F_rest + the candidates' FLOPs) per sample of each
+training step and of the score pass); splitting line-searches the split itself. Statistics and line search run
+in training mode (the mode training continues in) without touching BatchNorm running statistics.
 """
 from __future__ import annotations
 
@@ -61,17 +53,18 @@ import torch.nn.functional as F
 
 from growrun import faults
 from growrun.data.loader import derive_seed
-from growrun.growth import firefly, policy
+from growrun.growth import firefly, policy, splitting
 from growrun.growth.adaptive import adaptive_count
-from growrun.growth.growth_log import COLUMNS, cut_reason, score, unusable_stats, zeroed
+from growrun.growth.growth_log import COLUMNS, cut_reason, score, skipped_rows, unusable_stats, zeroed
 from growrun.growth.draws import draw_samples, global_mean_loss, log_draw_sizes, measure, split_at
 from growrun.growth.linesearch import SearchResult, at_gamma, line_search
 from growrun.growth.neurons import Proposal, net2net_copies, propose
-from growrun.growth.scale import existing_norms, neuron_norms, rebalance, rebalance_factors
+from growrun.growth.scale import existing_norms, neuron_norms, normalized, rebalance, rebalance_factors
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth import stats_training
 from growrun.growth.stats import collect_statistics
-from growrun.growth.surgery import apply_weight_update, fit_to_site, insert_copies, insert_neurons, new_channel_moments
+from growrun.growth.surgery import (apply_weight_update, fit_to_site, insert_copies, insert_neurons,
+                                   new_channel_moments, weight_update_fn)
 from growrun.models import count_flops, count_params, full_site_widths
 from growrun.train.distributed import Single
 from growrun.train.outputs import CsvLog
@@ -193,7 +186,7 @@ class GrowthController:
         stats_seconds = (time.time() - t0 + window_seconds) / max(1, len(grow_now))
         faults.reach("stats")
         self._event = {"model": model, "batches": stats_batches, "dist": dist, "shape": trainer.data.input_shape,
-                       "n_stats": n_stats}  # what growth=firefly trains on (_firefly_hook)
+                       "n_stats": n_stats}  # what growth=firefly / splitting use (_hook)
         proposals, trails, solve_seconds = {}, {}, {}
         for name in grow_now:
             t0 = time.time()
@@ -242,11 +235,10 @@ class GrowthController:
         pending = self._growable_names()
         names = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" \
             else pending
-        sites, params = self.model.sites(), count_params(self.model)
-        rows = [{"event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,
-                 "site": n, "method": self.g.method, "added": 0, "reason": "trigger", "trigger": "",
-                 "requested": policy.requested_count(self.g, sites[n].width, self.start[n], self.targets[n]),
-                 "width_after": sites[n].width, "params_after": params} for n in names]
+        sites = self.model.sites()
+        requested = {n: policy.requested_count(self.g, sites[n].width, self.start[n], self.targets[n]) for n in names}
+        rows = skipped_rows(self.event + 1, trainer.step, self.steps_per_epoch, self.g.method, sites, requested,
+                            count_params(self.model))
         if self.writes:
             self.log.append(rows)
         self.event += 1
@@ -283,7 +275,8 @@ class GrowthController:
         proposal = propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
                            rel_eps=g.rel_eps, generator=gen, net2net_pick=g.net2net_pick, net2net_noise=g.net2net_noise,
                            solve_device=g.solve_device,
-                           firefly=self._firefly_hook(site, gen) if g.method == "firefly" else None)
+                           firefly=self._hook(firefly, site, gen) if g.method == "firefly" else None,
+                           splitting=self._hook(splitting, site, gen) if g.method == "splitting" else None)
         trail.append(("rank", proposal.count))
         if g.when == "bottleneck" and not unusable and \
                 not policy.bottleneck_fires(proposal.psi, float(stats.g2) / max(stats.n, 1), g.when_threshold):
@@ -291,13 +284,14 @@ class GrowthController:
             trail = [trail[0], ("trigger", 0), *((stage, 0) for stage, _ in trail[1:])]
         return proposal, trail
 
-    def _firefly_hook(self, site, gen):
-        """growth=firefly: the proposal hook of `site` (propose(firefly=...)), trained on this
-        event's statistics batches; its compute is added to flops (firefly.event_hook)."""
+    def _hook(self, module, site, gen):
+        """growth=firefly / splitting: the proposal hook of `site` (propose(firefly=...) /
+        propose(splitting=...)) made by `module`.event_hook on this event's statistics batches;
+        its compute is added to flops."""
         def add(flops: int) -> None:
             self.flops += flops
 
-        return firefly.event_hook(self.g, self._event, site, self._loss_fn("sum"), gen, add)
+        return module.event_hook(self.g, self._event, site, self._loss_fn("sum"), gen, add)
 
     def _grow_site(self, model, site, proposal: Proposal, trail: list, moment_batches, search_batch, trainer,
                    base: float | None = None) -> dict:
@@ -354,26 +348,37 @@ class GrowthController:
 
     def _search(self, model, site, proposal: Proposal, neurons, moments, search_batch, forward,
                 base: float | None) -> SearchResult:
-        """gamma by line search; function-preserving methods and firefly: gamma = 1 (no search)."""
+        """gamma by line search; function-preserving methods, firefly and growth.normalize=mean_norm:
+        gamma = 1 (no search)."""
         g, loss_mean = self.g, self._mean_loss
         if g.method in FUNCTION_PRESERVING:  # the function does not change
             before = base if base is not None else measure(model, search_batch, loss_mean, forward)
             return SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, int(base is None))
+        if g.normalize == "mean_norm":  # the layers' scale is the amplitude: L(gamma = 1) measured, no search
+            out = normalized(site, neurons, *(moments or (None, None)), "mean_norm", g.bn_init, g.gradmax_scale)
+            slope = float((proposal.per_neuron.to(out.gain) * out.gain).sum())
+            return at_gamma(model, site, out.neurons, None if out.mean is None else (out.mean, out.var), slope, 1.0,
+                            search_batch, loss_mean, g.bn_init, forward=forward, base=base)
         if g.method in AS_TRAINED:  # inserted as trained: L(gamma = 1) measured, no search
             return at_gamma(model, site, neurons, moments, self._slope(proposal), 1.0, search_batch, loss_mean,
                             g.bn_init, forward=forward, base=base)
-        update = self._update_fn(site, proposal) if g.apply_dw else None
+        update = weight_update_fn(site, proposal.dw2, proposal.db2) if g.apply_dw else None
+        split = splitting.attach(site, proposal.copy_of, neurons) if g.method == "splitting" else None
         return line_search(model, site, neurons, moments, self._slope(proposal), search_batch, loss_mean,
-                           g.line_search, update, g.bn_init, forward=forward, base=base)
+                           g.line_search, update, g.bn_init, forward=forward, base=base, attach=split)
 
     def _insert(self, site, proposal: Proposal, neurons, moments, gamma: float, optimizer) -> None:
         """What the line search evaluated at gamma: L2 += gamma^2 dW2* on the existing columns
         (growth.apply_dw), then the neurons at amplitude gamma (moments gamma m, gamma^2 v);
         growth.normalize=fan_in rebalances them first (fan-in c_k times, fan-out 1 / c_k, moments
-        c_k m, c_k^2 v: the same function, growrun.growth.scale). net2net: the copies as made from
+        c_k m, c_k^2 v: the same function, growrun.growth.scale), fan_out / mean_norm set their
+        norms (scale.normalized; mean_norm: as _search measured them). net2net: the copies as made from
         the weights now, the originals' fan-outs split, BN channels copied; never rebalanced (a
         copy's fan-in already has its original's norm, and its copied BN running statistics would
         no longer match a rescaled fan-in)."""
+        if self.g.method == "splitting":  # neurons: the split directions (growrun.growth.splitting)
+            splitting.insert_split(site, proposal.copy_of, neurons, gamma, optimizer)
+            return
         if proposal.copy_of is not None:
             copies, l2_weight = net2net_copies(site, proposal.copy_of, proposal.copy_noise)
             insert_copies(site, proposal.copy_of, copies, l2_weight, optimizer)
@@ -388,19 +393,8 @@ class GrowthController:
         if mean is not None:
             scale = gamma if c is None else gamma * c.to(mean)
             mean, var = scale * mean, scale * scale * var
-        insert_neurons(site, neurons, mean, var, optimizer, self.g.bn_init)
-
-    @staticmethod
-    def _update_fn(site, proposal: Proposal):
-        w0 = site.l2.weight.detach().clone()
-        b0 = None if site.l2.bias is None else site.l2.bias.detach().clone()
-
-        @torch.no_grad()
-        def update(scale: float) -> None:
-            site.l2.weight.copy_(w0)
-            if b0 is not None:
-                site.l2.bias.copy_(b0)
-            if scale:
-                apply_weight_update(site, proposal.dw2, proposal.db2, scale)
-
-        return update
+        bn_weight = None
+        if self.g.normalize in ("fan_out", "mean_norm"):
+            neurons, mean, var, bn_weight, _ = normalized(site, neurons, mean, var, self.g.normalize, self.g.bn_init,
+                                                          self.g.gradmax_scale)
+        insert_neurons(site, neurons, mean, var, optimizer, self.g.bn_init, bn_weight=bn_weight)

@@ -45,11 +45,14 @@ class SearchResult:
 def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: float,
                 batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable, cfg,
                 update: Callable[[float], None] | None = None, bn_init: str = "unit",
-                forward: Callable | None = None, base: float | None = None) -> SearchResult:
+                forward: Callable | None = None, base: float | None = None,
+                attach: Callable | None = None) -> SearchResult:
     """Choose gamma for `neurons` at `site` (see module doc). slope = p (per gamma^2, < 0 for a
     descent direction). `update(scale)` sets L2 to its original weights + scale * dW2* (so
     update(0) restores them exactly) when the best update is applied with the neurons. `base`:
-    L(0) when already measured on this batch (not evaluated again; not counted in evaluations)."""
+    L(0) when already measured on this batch (not evaluated again; not counted in evaluations).
+    `attach()`: a context manager yielding a handle whose .gamma sets what is evaluated, instead
+    of candidate(site, neurons, ...) (growth=splitting: splitting.attach, the split at gamma)."""
     x, y = batch
     forward = forward or model
     if neurons.count == 0 or not slope < 0:  # nothing to try (no moments are needed then)
@@ -59,7 +62,8 @@ def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: 
             base = float(loss_fn(forward(x), y))
         return SearchResult(0.0, base, base, 0.0, 1)
     mean, var = moments if moments is not None else (None, None)
-    with frozen_bn_stats(model), candidate(site, neurons, mean, var, bn_init) as cand:
+    attached = attach() if attach is not None else candidate(site, neurons, mean, var, bn_init)
+    with frozen_bn_stats(model), attached as cand:
         def loss_at(gamma: float) -> float:
             cand.gamma = gamma
             if update is not None:

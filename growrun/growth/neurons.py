@@ -9,6 +9,11 @@ Conventions
     weight.view(K, -1)) followed by the bias entry when L1 has a bias (-> Neurons.b1);
   * fan-out vectors live in L2's output space (R^m). For conv the new channel's L2 kernel is
     zero except its centre tap (kh2 // 2, kw2 // 2), which holds omega_k (conv_fanout="center");
+    with conv_fanout="full" (tiny and tiny_noproj only) omega_k is the whole kernel slice,
+    a vector of R^(m * kh2 * kw2) laid out like L2.weight[:, k] flattened (growrun.growth.fullconv,
+    which documents the formulas and why it is only approximately optimal); every other method
+    refuses conv_fanout="full" on conv sites (gradmax, random, zero and firefly use the centre
+    tap, net2net copies whole kernel slices anyway: run them with conv_fanout="center");
   * s0 = sigma'(0+) = 1 for "relu" and "identity".
 Methods
   * tiny / tiny_noproj: solve.tiny_solve with N = -M1 + P S2^+ M2, resp. N = -M1.
@@ -44,6 +49,13 @@ Methods
     formulas and the reference code). It needs the model and the statistics batches, not only
     the statistics: propose(..., firefly=hook), hook(site, count) -> (Neurons, per-neuron
     first-order change per gamma^2), made by firefly.proposer (the controller does so per site).
+  * splitting (splitting steepest descent, Liu, Wang, Wu, Liu, NeurIPS 2019): existing neurons i
+    split into w_i +- gamma v_i with half the fan-out each, v_i the eigenvector of the most
+    negative eigenvalue of i's splitting matrix (growrun.growth.splitting documents the formulas).
+    Proposal.copy_of: the split neurons; Proposal.neurons: their split directions v_k (fan-in
+    shape; w2 = W2[:, i] / 2); per_neuron / first_order: the predicted change per gamma^2, second
+    order in gamma: (1/2) lambda_min,k r^2. propose(..., splitting=hook), hook(site, count) ->
+    (split neurons, directions, per-neuron change), made by splitting.event_hook.
 """
 from __future__ import annotations
 
@@ -53,13 +65,15 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fullconv
 from .site import Neurons, Site
 from .solve import best_update, bottleneck, gradmax_directions, tiny_matrix, tiny_solve
 from .solve_device import moved, solve_device as pick_solve_device
 from .stats import SiteStats
 from .unfold import site_dims
 
-METHODS = ("tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net", "firefly")
+METHODS = ("tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net", "firefly", "splitting")
+FULL_FANOUT_METHODS = ("tiny", "tiny_noproj")  # conv_fanout="full" on conv sites (fullconv.py)
 NET2NET_PICKS = ("random", "largest")
 SLOPE_AT_ZERO = {"relu": 1.0, "identity": 1.0}
 
@@ -78,7 +92,8 @@ class Proposal:
     psi, d_w: the site's bottleneck Psi = g2 - d_W and the best update's first-order gain d_W.
     dw2, db2: the best update dW2* of L2's weight (L2's weight shape) and bias (or None).
     copy_of: net2net only: the existing neuron each new neuron copies (int64, K); the neurons
-      are then made from the site's weights at insertion (net2net_copies).
+      are then made from the site's weights at insertion (net2net_copies). splitting: the
+      existing neurons split (distinct), `neurons` then holds their split directions.
     copy_noise: net2net only: the fan-out noise, relative (growth.net2net_noise times N(0, 1)
       draws, L2's weight shape with K input units), or None.
     """
@@ -112,7 +127,9 @@ class Proposal:
 
 
 def to_neurons(site: Site, alpha: torch.Tensor, omega: torch.Tensor) -> Neurons:
-    """Fan-ins alpha (K, d1) and fan-outs omega (K, m) -> Neurons in the layers' shapes."""
+    """Fan-ins alpha (K, d1) and fan-outs omega (K, m) -> Neurons in the layers' shapes.
+    Conv: omega (K, m) fills the centre tap; omega (K, m * kh2 * kw2) is the whole kernel slice,
+    w2[c, k, u, v] = omega[k, (c * kh2 + u) * kw2 + v] (conv_fanout="full", fullconv.py)."""
     l1, l2 = site.l1, site.l2
     dev, dt = l1.weight.device, l1.weight.dtype
     K = alpha.shape[0]
@@ -121,8 +138,11 @@ def to_neurons(site: Site, alpha: torch.Tensor, omega: torch.Tensor) -> Neurons:
     w1 = (alpha[:, :-1] if l1.bias is not None else alpha).reshape(K, *l1.weight.shape[1:]).contiguous()
     if site.is_conv:
         kh, kw = l2.kernel_size
-        w2 = omega.new_zeros(site.out_width, K, kh, kw)
-        w2[:, :, kh // 2, kw // 2] = omega.T
+        if omega.shape[1] == site.out_width * kh * kw:
+            w2 = omega.reshape(K, site.out_width, kh, kw).transpose(0, 1).contiguous()
+        else:
+            w2 = omega.new_zeros(site.out_width, K, kh, kw)
+            w2[:, :, kh // 2, kw // 2] = omega.T
     else:
         w2 = omega.T.contiguous()
     return Neurons(w1, b1, w2)
@@ -145,18 +165,25 @@ def _he(shape, fan_in: int, generator) -> torch.Tensor:
 def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanout: str = "center",
             gradmax_scale: float = 0.5, rel_eps: float = 1e-7,
             generator: torch.Generator | None = None, net2net_pick: str = "random",
-            net2net_noise: float = 0.0, solve_device: str = "auto", firefly=None) -> Proposal:
+            net2net_noise: float = 0.0, solve_device: str = "auto", firefly=None, splitting=None) -> Proposal:
     """Neurons of `method` for `site` from its statistics (see the module doc for each method).
     firefly: method "firefly" only, the hook (site, count) -> (Neurons, per-neuron first-order
-    change) that trains and selects its candidates (growrun.growth.firefly.proposer)."""
+    change) that trains and selects its candidates (growrun.growth.firefly.proposer).
+    splitting: method "splitting" only, the hook (site, count) -> (split neurons, directions,
+    per-neuron change per gamma^2) (growrun.growth.splitting.event_hook)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; allowed: {METHODS}")
     if net2net_pick not in NET2NET_PICKS:
         raise ValueError(f"net2net_pick={net2net_pick!r}; allowed: {', '.join(NET2NET_PICKS)}")
     if conv_fanout not in ("center", "full"):
         raise ValueError(f"conv_fanout={conv_fanout!r}; allowed: center, full")
-    if conv_fanout == "full" and site.is_conv:
-        raise NotImplementedError("conv_fanout='full' is not implemented; use 'center'")
+    full = conv_fanout == "full" and site.is_conv
+    if full and method not in FULL_FANOUT_METHODS:
+        raise ValueError(f"conv_fanout='full': not with method={method!r} on conv site {site.name}; "
+                         f"allowed: {', '.join(FULL_FANOUT_METHODS)} (or conv_fanout='center')")
+    if full and stats.full is None:
+        raise ValueError(f"site {site.name}: conv_fanout='full' needs statistics collected with "
+                         f"conv_fanout='full' (stats.collect_statistics)")
     if stats.dims != site_dims(site):
         raise ValueError(f"site {site.name}: statistics have dims {stats.dims}, the site needs "
                          f"{site_dims(site)} (stale statistics?)")
@@ -174,7 +201,16 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
         return _net2net_proposal(site, count, net2net_pick, net2net_noise, generator, psi, d_w, dW2T)
     if method == "firefly":
         return _firefly_proposal(site, count, firefly, psi, d_w, dW2T)
-    if method in ("tiny", "tiny_noproj"):
+    if method == "splitting":
+        return _splitting_proposal(site, count, splitting, psi, d_w, dW2T)
+    M1 = ns.M1  # (d1, m); conv_fanout="full": M1full (d1, m * kh2 * kw2), omega whole kernels
+    if full:
+        fs = fullconv.normalized(stats.full, ns.n, stats.dims[1], dev)
+        M1 = fs.M1
+        N = fullconv.full_matrix(fs.M1, fs.P, dW2T) if method == "tiny" else fullconv.full_matrix(fs.M1)
+        sol = fullconv.full_solve(fs, N, count, rel_eps=rel_eps, s0=s0, g2=ns.g2)
+        alpha, omega, lambdas, gain = sol.alpha, sol.omega, sol.lambdas, sol.gain
+    elif method in ("tiny", "tiny_noproj"):
         N = tiny_matrix(ns.M1, ns.P, dW2T) if method == "tiny" else tiny_matrix(ns.M1)
         sol = tiny_solve(ns.S1, N, ns.M1, count, rel_eps=rel_eps, s0=s0, g2=ns.g2)
         alpha, omega, lambdas, gain = sol.alpha, sol.omega, sol.lambdas, sol.gain
@@ -194,7 +230,7 @@ def propose(site: Site, stats: SiteStats, method: str, count: int, *, conv_fanou
             omega = _he((count, m), (site.width + count) * kk, generator).to(dev)
             per = (alpha @ ns.M1 * omega).sum(1)  # alpha_k^T M1 omega_k
             omega = torch.where((per > 0).unsqueeze(1), -omega, omega)
-    per_neuron = s0 * (alpha @ ns.M1.to(alpha) * omega).sum(1)  # s0 alpha_k^T M1 omega_k
+    per_neuron = s0 * (alpha @ M1.to(alpha) * omega).sum(1)  # s0 alpha_k^T M1 omega_k
     dw2, db2 = _best_update_tensors(site, dW2T)
     return Proposal(method, to_neurons(site, alpha, omega), lambdas.to(dw2.device), gain, float(per_neuron.sum()),
                     psi, d_w, dw2, db2, per_neuron.to(dw2.device))
@@ -222,6 +258,19 @@ def _firefly_proposal(site: Site, count: int, firefly, psi: float, d_w: float, d
     per_neuron = per_neuron.to(dw2.device, torch.float64)
     return Proposal("firefly", neurons, torch.zeros(0, dtype=torch.float64, device=dw2.device), 0.0,
                     float(per_neuron.sum()), psi, d_w, dw2, db2, per_neuron)
+
+
+def _splitting_proposal(site: Site, count: int, hook, psi: float, d_w: float, dW2T: torch.Tensor) -> Proposal:
+    """splitting's Proposal: the hook's split neurons (most negative lambda_min first), their
+    directions (as `neurons`) and predicted changes per gamma^2."""
+    if hook is None:
+        raise ValueError("method='splitting' measures its splitting matrices on the model and the statistics "
+                         "batches: pass splitting=growrun.growth.splitting.event_hook(...)")
+    sources, directions, per_neuron = hook(site, count)
+    dw2, db2 = _best_update_tensors(site, dW2T)
+    per_neuron = per_neuron.to(dw2.device, torch.float64)
+    return Proposal("splitting", directions, torch.zeros(0, dtype=torch.float64, device=dw2.device), 0.0,
+                    float(per_neuron.sum()), psi, d_w, dw2, db2, per_neuron, copy_of=sources)
 
 
 # --- net2net (Net2WiderNet) ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig)
     planned_epochs   trainer.epochs for growth.extra_epochs: the epoch of the last planned
                      to_target event, plus extra_epochs
     growth_blocker   why a configuration can never grow (no event, no site below its target, no
-                     neuron within the budget) or cannot grow a site it must (net2net at width 0),
+                     neuron within the budget) or cannot grow a site it must (net2net, splitting at width 0),
                      as a one-line message naming the keys to change
     bottleneck_fires growth.when=bottleneck: does a site's relative bottleneck Psi / g2 reach
                      growth.when_threshold
@@ -156,10 +156,11 @@ def growth_blocker(cfg, epochs: int, steps_per_epoch: int | None, start: dict[st
     if not below:
         return _no_room(cfg, start, targets)
     empty = [n for n in below if start[n] == 0]
-    if cfg.method == "net2net" and empty:
-        return (f"growth.method=net2net: site(s) {', '.join(empty)} start at width 0 and net2net can only copy "
-                f"existing neurons; start them at >= 1 neuron (model.site_widths, model.start_fraction), leave them "
-                f"out of growth.only, or use another growth method")
+    if cfg.method in ("net2net", "splitting") and empty:
+        return (f"growth.method={cfg.method}: site(s) {', '.join(empty)} start at width 0 and {cfg.method} can only "
+                f"{'copy' if cfg.method == 'net2net' else 'split'} existing neurons; start them at >= 1 neuron "
+                f"(model.site_widths, model.start_fraction), leave them out of growth.only, or use another growth "
+                f"method")
     cheapest = min(params_per_neuron[n] for n in below)
     if affordable(cfg, params, cheapest) == 0:
         return (f"growth.param_budget={cfg.param_budget}: the starting model already has {params} parameters and "

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .fullconv import FullConvAccumulator, FullConvSums
 from .site import Site, frozen_bn_stats
 from .unfold import aligned_range, conv_geometry, gradient_rows, im2col, linear_features, out_len, site_dims
 
@@ -60,6 +61,8 @@ class SiteStats:
 
     S1 (d1, d1), S2 (d2, d2), M1_folds (F, d1, m), M2_folds (F, d2, m), P_folds (F, d1, d2),
     g2 (), n_folds (F,) int64 samples per fold; the properties M1, M2, P sum over the folds.
+    full: conv sites collected with conv_fanout="full" only, the sums of a new channel's whole
+    L2 kernel (fullconv.FullConvSums, no folds); None otherwise.
     d1 = L1 fan-in (+1 for L1's bias; conv: C_in * kh1 * kw1), d2 = L2 fan-in (+1 for L2's
     bias; conv: width * kh2 * kw2), m = L2 outputs. Everything is a sum, so statistics of
     disjoint sample sets add up (.add_, +), e.g. an all-reduce of .tensors() across processes.
@@ -73,6 +76,7 @@ class SiteStats:
     g2: torch.Tensor
     n_folds: torch.Tensor
     conv_fanout: str = "center"
+    full: FullConvSums | None = None
 
     @classmethod
     def zeros(cls, d1: int, d2: int, m: int, folds: int = 2, device=None,
@@ -109,10 +113,12 @@ class SiteStats:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every sum, for in-place reductions (e.g. torch.distributed.all_reduce)."""
-        return [self.S1, self.S2, self.M1_folds, self.M2_folds, self.P_folds, self.g2, self.n_folds]
+        base = [self.S1, self.S2, self.M1_folds, self.M2_folds, self.P_folds, self.g2, self.n_folds]
+        return base + (self.full.tensors() if self.full is not None else [])
 
     def add_(self, other: "SiteStats") -> "SiteStats":
-        if self.dims != other.dims or self.folds != other.folds or self.conv_fanout != other.conv_fanout:
+        if self.dims != other.dims or self.folds != other.folds or self.conv_fanout != other.conv_fanout \
+                or (self.full is None) != (other.full is None):
             raise ValueError("cannot add statistics of different sites, fold counts or fan-outs")
         for a, b in zip(self.tensors(), other.tensors()):
             a.add_(b.to(a.device))
@@ -122,7 +128,8 @@ class SiteStats:
         return self.clone().add_(other)
 
     def clone(self) -> "SiteStats":
-        return SiteStats(*(t.clone() for t in self.tensors()), conv_fanout=self.conv_fanout)
+        return SiteStats(*(t.clone() for t in self.tensors()[:7]), conv_fanout=self.conv_fanout,
+                         full=None if self.full is None else self.full.clone())
 
     def normalized(self) -> NormalizedStats:
         """Float64 copies divided by n (per-fold sums by their fold's n); zeros if n = 0."""
@@ -189,9 +196,10 @@ class _SiteRecorder:
     falls in L2's padding):  S1 += A A^T (upper row panels), C_f += A_f W_f^T = [P_f | M1_f],
     Q_f += W_f W_f^T = [[S2_f, M2_f], [., G^T G_f]] for the column blocks A_f, W_f of fold f.
     Fusing the products this way keeps every GEMM wide (the thin ones are slow).
+    conv_fanout="full" on a conv site also feeds x and W to a fullconv.FullConvAccumulator.
     """
 
-    def __init__(self, site: Site, folds: int, device, dtype) -> None:
+    def __init__(self, site: Site, folds: int, device, dtype, conv_fanout: str = "center") -> None:
         self.site, self.folds, self.dtype = site, folds, dtype
         l1, l2 = site.l1, site.l2
         self.bias1, self.bias2 = l1.bias is not None, l2.bias is not None
@@ -205,6 +213,9 @@ class _SiteRecorder:
         self.p1, self.pq = panel_size(self.d1), panel_size(D)
         self.x = self.h = self.probe = self.probe_buf = None
         self.v1 = self.v2 = None
+        self.conv_fanout = conv_fanout
+        self.full = FullConvAccumulator(site, self.d1, D, device, dtype) \
+            if conv_fanout == "full" and site.is_conv else None
 
     def hooks(self) -> list:
         return [self.site.l1.register_forward_pre_hook(self._pre1),
@@ -256,6 +267,9 @@ class _SiteRecorder:
             A = linear_features(x, self.bias1)
             linear_features(h, self.bias2, dest=W[:self.d2])
         gradient_rows(g, W[self.d2:])
+        if self.full is not None:
+            self.full.add(x, W, tuple(g.shape[-2:]), scratch.matrix,
+                          scratch.matrix("pad", 1, _padded(x, conv_geometry(self.site.l1)[2]), x).view(-1))
         # deal the samples of this batch into the folds: contiguous chunks, rotating order
         per = N // B if B else 0
         base, extra = divmod(B, self.folds)
@@ -301,7 +315,8 @@ class _SiteRecorder:
         Qs = self.Q.sum(0)
         g2 = Qs[d2:, d2:].diagonal().sum()
         st = SiteStats(self.S1, Qs[:d2, :d2].contiguous(), self.C[:, :, d2:].contiguous(),
-                       self.Q[:, :d2, d2:].contiguous(), self.C[:, :, :d2].contiguous(), g2, self.n_folds)
+                       self.Q[:, :d2, d2:].contiguous(), self.C[:, :, :d2].contiguous(), g2, self.n_folds,
+                       self.conv_fanout, None if self.full is None else self.full.sums)
         self.C = self.Q = None
         return st
 
@@ -315,20 +330,19 @@ def collect_statistics(model: nn.Module, sites: Sequence[Site], batches: Iterabl
     must return the SUM of the per-sample losses (so g_i = d loss_i / d a_i). One forward and
     one backward (w.r.t. the L2 outputs only) per batch. Returns {site.name: SiteStats}.
     conv_fanout: "center" (a new channel's fan-out in L2 is its kernel's centre tap); "full"
-    raises NotImplementedError for conv sites (it means nothing for Linear ones).
+    also collects, for conv sites, the sums of a new channel's whole L2 kernel (SiteStats.full,
+    fullconv.py; it means nothing for Linear ones).
     """
     if conv_fanout not in CONV_FANOUTS:
         raise ValueError(f"conv_fanout={conv_fanout!r}; allowed: {CONV_FANOUTS}")
     if folds < 1:
         raise ValueError("folds must be >= 1")
     sites = list(sites)
-    if conv_fanout == "full" and any(s.is_conv for s in sites):
-        raise NotImplementedError("conv_fanout='full' is not implemented; use 'center'")
     if len({s.name for s in sites}) != len(sites):
         raise ValueError("site names must be unique")
     first = next(iter(model.parameters()))
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    recorders = [_SiteRecorder(s, folds, first.device, dtype) for s in sites]
+    recorders = [_SiteRecorder(s, folds, first.device, dtype, conv_fanout) for s in sites]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     handles = []

@@ -70,6 +70,14 @@ def _new_bn_params(site: Site, mean: torch.Tensor, var: torch.Tensor, bn_init: s
     return scale, mean, torch.ones_like(var)
 
 
+def fanout_scale(site: Site, mean: torch.Tensor | None, var: torch.Tensor | None, bn_init: str) -> torch.Tensor | None:
+    """The factor insert_neurons applies to each new W2 column for new channels of these moments
+    (bn_init=unit on an affine BatchNorm: sqrt(var + eps), 1 for a constant channel), or None."""
+    if site.bn is None or not site.bn.affine or mean is None:
+        return None
+    return _new_bn_params(site, mean, var, bn_init)[2]
+
+
 def _scale_fanout(w2: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """W2 columns (dim 1) of the new channels times their per-channel scale."""
     if scale is None:
@@ -80,15 +88,21 @@ def _scale_fanout(w2: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 @torch.no_grad()
 def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = None,
                    bn_var: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
-                   bn_init: str = "unit", bn_copy: torch.Tensor | None = None) -> None:
+                   bn_init: str = "unit", bn_copy: torch.Tensor | None = None,
+                   bn_weight: torch.Tensor | None = None) -> None:
     """Append `neurons` (already scaled by gamma; moments by gamma and gamma^2) to the site.
     bn_copy (int64, one per neuron; then no moments): the new BatchNorm channels copy these
-    existing channels' weight, bias and running statistics (net2net), the fan-out as given."""
+    existing channels' weight, bias and running statistics (net2net), the fan-out as given.
+    bn_weight (one rho_k > 0 per neuron, affine BatchNorm only): the new channels' BN weight and
+    bias times rho_k and their W2 columns divided by it, the same function for relu / identity
+    (growth.normalize=fan_out, growrun.growth.scale)."""
     k = neurons.count
     l1, l2, bn = site.l1, site.l2, site.bn
     ref = l1.weight
     w1 = neurons.w1.to(ref)
     fanout_scale = None
+    if bn_weight is not None and (bn is None or not bn.affine or bn_copy is not None):
+        raise ValueError(f"site {site.name}: bn_weight needs new affine BatchNorm channels")
     _grow(l1, "weight", w1, 0, optimizer)
     if l1.bias is not None:
         b1 = neurons.b1 if neurons.b1 is not None else torch.zeros(k)
@@ -100,6 +114,9 @@ def insert_neurons(site: Site, neurons: Neurons, bn_mean: torch.Tensor | None = 
         mean, var = bn_mean.to(ref), bn_var.to(ref)
         if bn.affine:
             weight, bias, fanout_scale = _new_bn_params(site, mean, var, bn_init)
+            if bn_weight is not None:
+                rho = bn_weight.to(ref)
+                weight, bias, fanout_scale = weight * rho, bias * rho, fanout_scale / rho
             _grow(bn, "weight", weight, 0, optimizer)
             _grow(bn, "bias", bias, 0, optimizer)
         if bn.track_running_stats:
@@ -185,6 +202,23 @@ def apply_weight_update(site: Site, dw2: torch.Tensor, db2: torch.Tensor | None,
     weight[tuple(slice(0, n) for n in dw2.shape)].add_(dw2.to(weight), alpha=scale)
     if db2 is not None and site.l2.bias is not None:
         site.l2.bias[: db2.shape[0]].add_(db2.to(site.l2.bias), alpha=scale)
+
+
+def weight_update_fn(site: Site, dw2: torch.Tensor, db2: torch.Tensor | None):
+    """update(scale): L2's weight (and bias) set to their values now plus scale * dW2* (the line
+    search's candidate hook for growth.apply_dw; scale 0 restores them)."""
+    w0 = site.l2.weight.detach().clone()
+    b0 = None if site.l2.bias is None else site.l2.bias.detach().clone()
+
+    @torch.no_grad()
+    def update(scale: float) -> None:
+        site.l2.weight.copy_(w0)
+        if b0 is not None:
+            site.l2.bias.copy_(b0)
+        if scale:
+            apply_weight_update(site, dw2, db2, scale)
+
+    return update
 
 
 def fit_to_site(site: Site, neurons: Neurons) -> Neurons:
