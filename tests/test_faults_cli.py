@@ -53,6 +53,19 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def trainers(pid: int) -> list[int]:
+    """Live children of pid that run `growrun train` (not a transient helper such as the `uname -p`
+    that platform.processor() spawns while the parent starts)."""
+    def training(child: int) -> bool:
+        try:
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"growrun" in args and b"train" in args
+
+    return [c for c in children(pid) if training(c)]
+
+
 def alive(pid: int) -> bool:
     fields = stat(pid)
     return fields is not None and fields[0] != "Z"
@@ -84,7 +97,7 @@ class Resume:
 
     def training_child(self, run_dir: Path, epochs_before: int) -> int:
         """The child process, once it has trained at least one more epoch in run_dir."""
-        self.child = wait_for(lambda: (children(self.proc.pid) or [None])[0], 120, "the training child")
+        self.child = wait_for(lambda: next(iter(trainers(self.proc.pid)), None), 120, "the training child")
         wait_for(lambda: epochs_logged(run_dir) > epochs_before or self.proc.poll() is not None, 120,
                  "a resumed epoch")
         assert self.proc.poll() is None, self.proc.stderr.read()
