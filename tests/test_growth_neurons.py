@@ -96,10 +96,8 @@ def setup(conv, *, act="relu", width=3, n=3, seed=0, **kw):
 # ---------------------------------------------------------------- shapes and conventions
 
 @pytest.mark.parametrize("conv", [False, True])
-@pytest.mark.parametrize("method", METHODS)
-def test_proposal_shapes_and_gamma_zero(conv, method):
-    if method == "splitting":
-        pytest.skip("splitting's neurons are split directions of existing neurons (tests/test_splitting.py)")
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "splitting"])  # splitting proposes split
+def test_proposal_shapes_and_gamma_zero(conv, method):  # directions of existing neurons: tests/test_splitting.py
     net, batches, st = setup(conv, bias1=not conv, bias2=True, m=5)
     site = net.site()
     K = 2
