@@ -151,14 +151,15 @@ def test_measured_loss_change_matches_first_order_prediction(method, keep):
     assert errors[-1] < 0.02 and errors[0] > errors[1] > errors[2]
 
 
-def test_line_search_finds_a_decrease_and_can_refuse():
+@pytest.mark.parametrize("parabola", [False, True])
+def test_line_search_finds_a_decrease_and_can_refuse(parabola):
     torch.manual_seed(0)
     model = TwoLayer(10, 2, 4, "relu")
     x, y = torch.randn(200, 10), torch.randint(0, 4, (200,))
     site = model.site()
     stats = collect_statistics(model, [site], [(x, y)], lambda o, t: F.cross_entropy(o, t, reduction="sum"))["s"]
     prop = propose(site, stats, "tiny", 3)
-    ls = SimpleNamespace(shrink=0.5, max_iter=12, max_gamma=10.0)
+    ls = SimpleNamespace(shrink=0.5, max_iter=12, max_gamma=10.0, parabola=parabola)
     found = line_search(model, site, prop.neurons, None, prop.first_order, (x, y), F.cross_entropy, ls)
     assert found.gamma > 0 and found.loss_at_gamma < found.loss_before
     before = model(x)

@@ -122,7 +122,8 @@ def test_strided_1x1_conv_rewrite_is_the_same_convolution(cin, fmt, padding):
                                      ("mlp", dict(hidden=[5, 0, 4]))])
 def test_cut_before_a_site_is_the_same_forward(name, kw):
     """forward(x) == forward_from(s, forward_to(s, x)) bit for bit, every site, train and eval
-    mode (what growth's line search relies on to skip the network's front); the FLOPs of the
+    mode (what growth's line search relies on to skip the network's front), likewise
+    forward_between(a, b, forward_to(a, x)) == forward_to(b, x); the FLOPs of the
     front grow along the network and stay below the whole."""
     torch.manual_seed(0)
     model = build_model(initial_arch(model_cfg(name, **kw), 10, (3, 16, 16)))
@@ -134,6 +135,11 @@ def test_cut_before_a_site_is_the_same_forward(name, kw):
             ref = model(x)
             for site in model.site_names():
                 assert torch.equal(model.forward_from(site, model.forward_to(site, x)), ref), (site, train)
+            names = model.site_names()  # and forward_to(b) from forward_to(a), a <= b: the same
+            for i, a in enumerate(names):
+                for b in names[i:]:
+                    got = model.forward_between(a, b, model.forward_to(a, x))
+                    assert torch.equal(got, model.forward_to(b, x)), (a, b, train)
     for site in model.site_names():
         fronts.append(count_flops(model, (3, 16, 16), forward=lambda t, s=site: model.forward_to(s, t)))
     assert fronts == sorted(fronts) and fronts[0] < fronts[-1] < total

@@ -22,17 +22,20 @@ statistics batches and of the line-search batch, the statistics (sums) are summe
 and every line-search loss is the global batch's mean, so all ranks take the same decisions;
 only rank 0 writes growth.csv.
 
-The line-search batch runs through the network's front (before the site's block) once per
-site, and each loss the search evaluates from the block on (models' forward_to / forward_from:
-the same numbers, less compute); a site's L(0) is the loss measured after the site before it.
+The line-search batch runs through the network's front (before the first site's block) once
+per event and is carried from block to block (draws.advance; a fresh front for a site before
+the last one), and each loss the search evaluates runs from the site's block on (models'
+forward_to / forward_between / forward_from: the same numbers, less compute); a site's L(0) is
+the loss measured after the site before it. The new BatchNorm channels' moments are measured on the
+search batch at the site (from its block to L1), so that their BatchNorm is the identity on the
+batch the line search measures.
 
 Compute (`flops`, cumulative, in the state), with F the forward FLOPs per image at the width
 before the event and F_front / F_rest those of a site's front / the rest when it is grown:
 3 F per statistics sample of the pass (none with growth.stats=training, where the training
-step is the forward and backward), F_front per sample of each BatchNorm moments pass over the
-statistics draw (with growth.stats=training the moments come from the search batch's front,
-already computed), F_front per line-search image and site, F_rest per line-search image per loss
-evaluated (the search's evaluations and the loss after insertion).
+step is the forward and backward), per line-search image the front's FLOPs it runs through,
+F_rest per line-search image per loss evaluated (the search's evaluations and the loss after
+insertion); the moments' L1 operation is not counted.
 
 Function-preserving methods (gradmax, zero, net2net) skip the line search: gamma = 1, their fan-out
 scale is their own. growth=firefly / splitting use the statistics batches themselves (their
@@ -56,7 +59,7 @@ from growrun.data.loader import derive_seed
 from growrun.growth import firefly, policy, splitting
 from growrun.growth.adaptive import adaptive_count
 from growrun.growth.growth_log import COLUMNS, cut_reason, score, skipped_rows, unusable_stats, zeroed
-from growrun.growth.draws import draw_samples, global_mean_loss, log_draw_sizes, measure, split_at
+from growrun.growth.draws import advance, draw_samples, global_mean_loss, log_draw_sizes, measure, split_at
 from growrun.growth.linesearch import SearchResult, at_gamma, line_search
 from growrun.growth.neurons import Proposal, net2net_copies, propose
 from growrun.growth.scale import existing_norms, neuron_norms, normalized, rebalance, rebalance_factors
@@ -196,18 +199,19 @@ class GrowthController:
         if self.g.sites == "best_gain":
             scores = {n: score(p, sites[n]) for n, p in proposals.items()}
             grow_now = policy.pick_sites("best_gain", pending, self.names, self.turn, scores)
-        moment_batches = [x for x, _ in stats_batches] if recording is None else None
-        rows, base = [], None  # a site's L(0) is the loss after the site before it (same batch and model)
-        for n in grow_now:
-            rows.append(self._grow_site(model, sites[n], proposals[n], trails[n], moment_batches, search_batch,
-                                        trainer, base))
-            base = rows[-1]["loss_after"]
+        rows, base, z = [], None, None  # L(0): the loss after the site before (same batch and model);
+        front_flops = 0                  # z: the search batch at the site's block, carried along
+        for i, n in enumerate(grow_now):
+            rows.append(self._grow_site(model, sites[n], proposals[n], trails[n], search_batch, trainer, base, z))
+            base, z = rows[-1]["loss_after"], rows[-1].pop("_front")
+            z, f = advance(model, n, grow_now[i + 1], z, trainer.data.input_shape) if i + 1 < len(grow_now) \
+                else (None, 0)
+            front_flops += f
         for row, name in zip(rows, grow_now):
             row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name], samples=stats[name].n)
         for row, name in zip(rows, grow_now):  # growth.when: the trigger that fired ("" if it did not)
             row["trigger"] = "" if any(stage == "trigger" for stage, _ in trails[name]) else self.g.when
-        self.flops += 3 * forward * n_stats + sum(n_search * r.pop("_search_flops") + n_stats * r.pop("_moment_flops")
-                                                  for r in rows)
+        self.flops += 3 * forward * n_stats + n_search * (front_flops + sum(r.pop("_search_flops") for r in rows))
         if self.writes:
             self.log.append(rows)
         if self.g.sites == "round_robin" and grow_now:
@@ -293,13 +297,12 @@ class GrowthController:
 
         return module.event_hook(self.g, self._event, site, self._loss_fn("sum"), gen, add)
 
-    def _grow_site(self, model, site, proposal: Proposal, trail: list, moment_batches, search_batch, trainer,
-                   base: float | None = None) -> dict:
-        """Cap by the budget left, search gamma, insert; the site's growth.csv row. The search
-        batch runs through the front of the network once (model.forward_to) and every loss
-        from the site's block on (model.forward_from). BatchNorm moments of the new channels:
-        from moment_batches (the statistics draw), or with None from the search batch. base: the
-        search batch's loss now, if known."""
+    def _grow_site(self, model, site, proposal: Proposal, trail: list, search_batch, trainer,
+                   base: float | None = None, z: torch.Tensor | None = None) -> dict:
+        """Cap by the budget left, search gamma, insert; the site's growth.csv row. z: the search
+        batch's inputs at the site's block (None: computed here, model.forward_to); every loss
+        runs from the block on (model.forward_from). BatchNorm moments of the new channels: on
+        the search batch. base: the search batch's loss now, if known."""
         t0 = time.time()
         cap = policy.affordable(self.g, count_params(model), site.params_per_neuron())
         if cap is not None and cap < proposal.count:
@@ -307,13 +310,14 @@ class GrowthController:
         trail = [*trail, ("budget", proposal.count)]
         neurons = fit_to_site(site, proposal.neurons)
         front, rest = split_at(model, site.name)
-        with torch.no_grad(), frozen_bn_stats(model):
-            z = front(search_batch[0])
+        fresh = z is None
+        if fresh:
+            with torch.no_grad(), frozen_bn_stats(model):
+                z = front(search_batch[0])
         search = (z, search_batch[1])
         moments = None
         if site.bn is not None and neurons.count and proposal.copy_of is None:  # net2net copies its BN channels
-            moments = new_channel_moments(model, site, neurons, moment_batches) if moment_batches is not None \
-                else new_channel_moments(model, site, neurons, [z], forward=rest)
+            moments = new_channel_moments(model, site, neurons, [z], forward=rest)
         found = self._search(model, site, proposal, neurons, moments, search, rest, base)
         faults.reach("search")
         added = neurons.count if found.gamma > 0 else 0
@@ -338,8 +342,7 @@ class GrowthController:
             "measured_gain": found.loss_before - loss_after, "fanin_norm": fanin, "fanin_ref": fanin_ref,
             "fanout_norm": fanout, "fanout_ref": fanout_ref, "search_seconds": search_seconds,
             # compute (see the module doc), not logged
-            "_search_flops": f_front + (f_all - f_front) * (found.evaluations + 1),
-            "_moment_flops": f_front if moments is not None and moment_batches is not None else 0,
+            "_search_flops": f_front * fresh + (f_all - f_front) * (found.evaluations + 1), "_front": z,
         }
 
     def _slope(self, proposal: Proposal) -> float:

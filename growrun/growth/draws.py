@@ -2,8 +2,9 @@
 
     draw_samples      the statistics batches and the held line-search batch, seeded per event
     log_draw_sizes    the up-front check that the training set holds both draws
-    split_at          the network cut before a site's block (front, rest), so that the search
-                      batch runs through the front once per site and each loss from the block on
+    split_at          the network cut before a site's block (front, rest), so that each loss
+                      the search evaluates runs from the site's block on
+    advance           the search batch carried from one site's block to a later site's block
     measure           the mean loss of a batch without touching BatchNorm running statistics
     global_mean_loss  the mean loss across ranks (each rank holds a share of the batch)
 """
@@ -16,6 +17,7 @@ import torch
 
 from growrun.growth import policy
 from growrun.growth.site import frozen_bn_stats
+from growrun.models.flops import count_flops
 
 log = logging.getLogger("growrun")
 
@@ -71,6 +73,20 @@ def split_at(model, name: str):
     if hasattr(model, "forward_to"):
         return functools.partial(model.forward_to, name), functools.partial(model.forward_from, name)
     return (lambda x: x), model
+
+
+@torch.no_grad()
+def advance(model, start: str, stop: str, z: torch.Tensor, input_shape) -> tuple[torch.Tensor | None, int]:
+    """(z at `stop`'s block, its FLOPs per image) from z at `start`'s block (the model as it is
+    now; models' forward_between, BatchNorm running statistics untouched); (None, 0) when `stop`
+    comes before `start` or the model cannot be cut (then front(x) is computed afresh)."""
+    names = model.site_names() if hasattr(model, "forward_between") else []
+    if start not in names or stop not in names or names.index(stop) < names.index(start):
+        return None, 0
+    with frozen_bn_stats(model):
+        z = model.forward_between(start, stop, z)
+    to = functools.partial(model.forward_to, stop), functools.partial(model.forward_to, start)
+    return z, count_flops(model, input_shape, forward=to[0]) - count_flops(model, input_shape, forward=to[1])
 
 
 @torch.no_grad()

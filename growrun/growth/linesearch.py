@@ -14,6 +14,22 @@ gamma lowers the loss, gamma = 0: no growth at this site. No neurons, or a slope
 first-order decrease): gamma = 0 at once, L(0) measured only. `at_gamma` measures a fixed
 amplitude instead of searching (growth=firefly: its candidates go in as trained, gamma = 1).
 
+With line_search.parabola (default) the loss is modelled, in t = gamma^2 (the neurons change
+the output by gamma^2 at first order), by parabolas L(t) = L(0) + a t + c t^2 (search_gamma):
+  * while no tried gamma has lowered the loss, the parabola through L(0) and the two smallest t
+    tried: a < 0 < c jumps to its minimum t = -a / (2c) when that is below the next
+    backtracking step (never below the last amplitude plain backtracking would try);
+  * the search gives up (gamma = 0) once the three smallest t tried all raised the loss by
+    nearly the same amount per unit t (ratios (L(t) - L(0)) / t within a factor 1.25): the
+    loss is linear in t there with a positive slope, so no smaller amplitude lowers it either.
+    (The parabola's a >= 0 alone is no proof: far beyond the minimum the loss grows slower
+    than t^2 and such fits overestimate a.)
+  * once the best gamma is bracketed, one more evaluation at the minimum of the parabola
+    through the best t and its tried neighbours (within them; above the best only up to one
+    backtracking step and max_gamma) refines it, unless the parabola promises less than 2 % more
+    decrease: the loss is sharp near its minimum (scripts/gamma_profile.py) and the factor-2
+    grid in gamma (or a jump) can miss much of the decrease.
+
 `forward` (default: the model) maps the batch's inputs to logits; the controller passes the
 part of the network from the site's block on, with the batch's inputs already run through the
 part before it (growrun.models.base forward_to / forward_from): the same losses, bit for bit,
@@ -76,17 +92,83 @@ def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: 
 
         evaluations = int(base is None)
         base = loss_at(0.0) if base is None else base
-        gamma = min(cfg.max_gamma, math.sqrt(base / (2 * -slope)))
-        best_gamma, best_loss = 0.0, base
-        for _ in range(cfg.max_iter):
-            loss = loss_at(gamma)
-            evaluations += 1
+        best_gamma, best_loss, tried = search_gamma(loss_at, base, slope, cfg)
+    return SearchResult(best_gamma, base, best_loss, slope * best_gamma**2, evaluations + tried)
+
+
+def search_gamma(loss_at: Callable[[float], float], base: float, slope: float, cfg) -> tuple[float, float, int]:
+    """(gamma, L(gamma), evaluations) of the search in the module doc, given L(0) = base and the
+    slope p < 0; loss_at(gamma) evaluates. cfg: shrink, max_iter, max_gamma, parabola (absent:
+    False, the plain backtracking)."""
+    fit = getattr(cfg, "parabola", False)
+    gamma = min(cfg.max_gamma, math.sqrt(base / (2 * -slope)))
+    floor = gamma * cfg.shrink ** (cfg.max_iter - 1)  # the last amplitude plain backtracking tries
+    tried: list[tuple[float, float]] = []  # (t = gamma^2, L)
+    best_gamma, best_loss = 0.0, base
+    while True:
+        loss = loss_at(gamma)
+        tried.append((gamma * gamma, loss))
+        if loss < best_loss:
+            best_gamma, best_loss = gamma, loss
+        elif best_gamma > 0:
+            break  # passed the best amplitude along the backtracking sequence
+        step = gamma * cfg.shrink
+        if fit and best_gamma == 0 and len(tried) >= 2:
+            low = sorted(tried)[:3]
+            rates = [(v - base) / t for t, v in low]
+            if len(low) == 3 and min(rates) > 0 and max(rates) <= 1.25 * min(rates):
+                break  # linear in t with a positive slope: no smaller amplitude helps
+            c, a = _parabola((0.0, base), *low[:2])
+            if a < 0 < c:
+                step = min(step, max(floor, math.sqrt(-a / (2 * c))))
+        if len(tried) >= cfg.max_iter or step < floor * (1 - 1e-9):
+            break
+        gamma = step
+    if fit and best_gamma > 0:
+        refined = _refinement(base, tried, best_gamma, best_loss, cfg)
+        if refined is not None:
+            loss = loss_at(refined)
+            tried.append((refined * refined, loss))
             if loss < best_loss:
-                best_gamma, best_loss = gamma, loss
-            elif best_gamma > 0:
-                break  # passed the best amplitude along the backtracking sequence
-            gamma *= cfg.shrink
-    return SearchResult(best_gamma, base, best_loss, slope * best_gamma**2, evaluations)
+                best_gamma, best_loss = refined, loss
+    return best_gamma, best_loss, len(tried)
+
+
+def _parabola(p0, p1, p2) -> tuple[float, float]:
+    """(c, b) of the parabola c t^2 + b t + const through three points (t, L)."""
+    (x0, y0), (x1, y1), (x2, y2) = p0, p1, p2
+    den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    c = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / den
+    return c, b
+
+
+def _refinement(base: float, tried: list[tuple[float, float]], best_gamma: float, best_loss: float,
+                cfg) -> float | None:
+    """The minimum (as a gamma) of the parabola through the best t and its nearest tried
+    neighbours (L(0) counts as tried at t = 0), kept strictly inside them, or up to one
+    backtracking step above the best (and max_gamma) when nothing above it was tried; None
+    when that parabola is not convex, its minimum is the best t already, or it predicts less
+    than 2 % more decrease than the best's L(0) - L(best)."""
+    points = sorted({(0.0, base), *tried})
+    tb = best_gamma * best_gamma
+    i = next(k for k, (t, _) in enumerate(points) if t == tb)
+    if i == 0:
+        return None
+    if i + 1 < len(points):
+        three, top = points[i - 1: i + 2], points[i + 1][0]
+    elif i >= 2:
+        three, top = points[i - 2: i + 1], min(tb / cfg.shrink**2, cfg.max_gamma**2)
+    else:
+        return None
+    c, b = _parabola(*three)
+    if not c > 0:
+        return None
+    t = min(max(-b / (2 * c), points[i - 1][0]), top)
+    if not points[i - 1][0] < t < top or abs(t - tb) <= 1e-3 * tb:
+        return None
+    predicted = best_loss + c * (t - tb) ** 2 + (2 * c * tb + b) * (t - tb)  # the parabola at t
+    return math.sqrt(t) if best_loss - predicted >= 0.02 * (base - best_loss) else None
 
 
 @torch.no_grad()

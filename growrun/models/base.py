@@ -42,6 +42,11 @@ class GrowableModel(nn.Module):
         """The logits from forward_to(site, x)."""
         return self.forward(z)
 
+    def forward_between(self, start: str, stop: str, z):
+        """forward_to(stop, x) from z = forward_to(start, x), `start` not after `stop` in
+        site_names() order: only the part between the two (bit-identical to forward_to)."""
+        return z
+
 
 def scaled(width: float, full: int) -> int:
     """ceil(width * full), the width of a layer at a fraction of the full architecture."""

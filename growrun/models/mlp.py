@@ -36,6 +36,11 @@ class MLP(GrowableModel):
             x = self._hidden(i, x)
         return x
 
+    def forward_between(self, start: str, stop: str, z: torch.Tensor) -> torch.Tensor:
+        for i in range(int(start[2:]) - 1, int(stop[2:]) - 1):
+            z = self._hidden(i, z)
+        return z
+
     def forward_from(self, site: str, z: torch.Tensor) -> torch.Tensor:
         for i in range(int(site[2:]) - 1, len(self.linears) - 1):
             z = self._hidden(i, z)

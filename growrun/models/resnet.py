@@ -74,6 +74,11 @@ class ResNet18(GrowableModel):
             x = self._block(name)(x)
         return x
 
+    def forward_between(self, start: str, stop: str, z: torch.Tensor) -> torch.Tensor:
+        for name in SITE_NAMES[SITE_NAMES.index(start): SITE_NAMES.index(stop)]:
+            z = self._block(name)(z)
+        return z
+
     def forward_from(self, site: str, z: torch.Tensor) -> torch.Tensor:
         for name in SITE_NAMES[SITE_NAMES.index(site):]:
             z = self._block(name)(z)

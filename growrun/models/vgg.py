@@ -64,6 +64,11 @@ class VGG(GrowableModel):
             x = stage(x)
         return x
 
+    def forward_between(self, start: str, stop: str, z: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages[SITE_NAMES.index(start): SITE_NAMES.index(stop)]:
+            z = stage(z)
+        return z
+
     def forward_from(self, site: str, z: torch.Tensor) -> torch.Tensor:
         for stage in self.stages[SITE_NAMES.index(site):]:
             z = stage(z)
