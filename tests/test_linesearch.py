@@ -89,3 +89,14 @@ def test_never_worse_than_no_growth_and_gamma_zero_means_unchanged(seed):
         assert loss == L0 and min(seen.values()) >= L0
     else:
         assert loss == seen[gamma] == min(seen.values())
+
+
+def test_the_search_stops_where_the_loss_no_longer_resolves_the_amplitude():
+    # a huge predicted slope puts the first guess at a tiny amplitude whose effect is below
+    # float32 resolution: the search stops after two such evaluations instead of twelve
+    import torch
+    curve = lambda t: 1e-3 * t  # noqa: E731  rising, but invisible at t ~ 1e-6
+    loss_at, calls = recorded(lambda t: float(torch.tensor(L0 + curve(t), dtype=torch.float32)) - L0)
+    gamma, loss, n = search_gamma(loss_at, L0, -1e6, cfg(True))  # gamma_0 = 1e-3
+    assert (gamma, loss) == (0.0, L0) and n == len(calls) == 2
+    assert search_gamma(recorded(curve)[0], L0, -1e6, cfg(False))[2] == 12

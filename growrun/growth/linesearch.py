@@ -23,7 +23,9 @@ the output by gamma^2 at first order), by parabolas L(t) = L(0) + a t + c t^2 (s
     nearly the same amount per unit t (ratios (L(t) - L(0)) / t within a factor 1.25): the
     loss is linear in t there with a positive slope, so no smaller amplitude lowers it either.
     (The parabola's a >= 0 alone is no proof: far beyond the minimum the loss grows slower
-    than t^2 and such fits overestimate a.)
+    than t^2 and such fits overestimate a.) It also gives up once the smallest t tried moved
+    the loss by at most 1e-6 L(0) (about the float32 resolution of a mean loss): below it the
+    loss changes even less, so nothing it could still find would be a measurable decrease;
   * once the best gamma is bracketed, one more evaluation at the minimum of the parabola
     through the best t and its tried neighbours (within them; above the best only up to one
     backtracking step and max_gamma) refines it, unless the parabola promises less than 2 % more
@@ -118,6 +120,8 @@ def search_gamma(loss_at: Callable[[float], float], base: float, slope: float, c
             rates = [(v - base) / t for t, v in low]
             if len(low) == 3 and min(rates) > 0 and max(rates) <= 1.25 * min(rates):
                 break  # linear in t with a positive slope: no smaller amplitude helps
+            if abs(low[0][1] - base) <= 1e-6 * abs(base):
+                break  # the loss no longer resolves the amplitude
             c, a = _parabola((0.0, base), *low[:2])
             if a < 0 < c:
                 step = min(step, max(floor, math.sqrt(-a / (2 * c))))
