@@ -19,11 +19,11 @@ the output by gamma^2 at first order), by parabolas L(t) = L(0) + a t + c t^2 (s
   * while no tried gamma has lowered the loss, the parabola through L(0) and the two smallest t
     tried: a < 0 < c jumps to its minimum t = -a / (2c) when that is below the next
     backtracking step (never below the last amplitude plain backtracking would try);
-  * the search gives up (gamma = 0) once the three smallest t tried all raised the loss by
-    nearly the same amount per unit t (ratios (L(t) - L(0)) / t within a factor 1.25): the
-    loss is linear in t there with a positive slope, so no smaller amplitude lowers it either.
-    (The parabola's a >= 0 alone is no proof: far beyond the minimum the loss grows slower
-    than t^2 and such fits overestimate a.) It also gives up once the smallest t tried moved
+  * the search gives up (gamma = 0) once the three smallest t tried all raised the loss and
+    lie on one parabola with a > 0 (the one through L(0) and the two smallest predicts the
+    third's rise within 10 %): no smaller amplitude lowers the loss either. (A parabola
+    through two points only is no proof: far beyond the minimum the loss grows slower than
+    t^2 and such fits overestimate a; the third point checks that.) It also gives up once the smallest t tried moved
     the loss by at most 1e-6 L(0) (about the float32 resolution of a mean loss): below it the
     loss changes even less, so nothing it could still find would be a measurable decrease;
   * once the best gamma is bracketed, one more evaluation at the minimum of the parabola
@@ -117,12 +117,13 @@ def search_gamma(loss_at: Callable[[float], float], base: float, slope: float, c
         step = gamma * cfg.shrink
         if fit and best_gamma == 0 and len(tried) >= 2:
             low = sorted(tried)[:3]
-            rates = [(v - base) / t for t, v in low]
-            if len(low) == 3 and min(rates) > 0 and max(rates) <= 1.25 * min(rates):
-                break  # linear in t with a positive slope: no smaller amplitude helps
             if abs(low[0][1] - base) <= 1e-6 * abs(base):
                 break  # the loss no longer resolves the amplitude
             c, a = _parabola((0.0, base), *low[:2])
+            if len(low) == 3 and a > 0:
+                t3, rise = low[2][0], low[2][1] - base
+                if abs(a * t3 + c * t3 * t3 - rise) <= 0.1 * rise:
+                    break  # a parabola rising from t = 0 fits all three: no smaller amplitude helps
             if a < 0 < c:
                 step = min(step, max(floor, math.sqrt(-a / (2 * c))))
         if len(tried) >= cfg.max_iter or step < floor * (1 - 1e-9):
