@@ -23,9 +23,10 @@ the output by gamma^2 at first order), by parabolas L(t) = L(0) + a t + c t^2 (s
     lie on one parabola with a > 0 (the one through L(0) and the two smallest predicts the
     third's rise within 10 %): no smaller amplitude lowers the loss either. (A parabola
     through two points only is no proof: far beyond the minimum the loss grows slower than
-    t^2 and such fits overestimate a; the third point checks that.) It also gives up once the smallest t tried moved
-    the loss by at most 1e-6 L(0) (about the float32 resolution of a mean loss): below it the
-    loss changes even less, so nothing it could still find would be a measurable decrease;
+    t^2 and such fits overestimate a; the third point checks that.) It also gives up once
+    the smallest t tried moved the loss by at most 1e-6 L(0) (about the float32 resolution
+    of a mean loss): below it the loss changes even less, so nothing it could still find
+    would be a measurable decrease;
   * once the best gamma is bracketed, one more evaluation at the minimum of the parabola
     through the best t and its tried neighbours (within them; above the best only up to one
     backtracking step and max_gamma) refines it, unless the parabola promises less than 2 % more
