@@ -200,13 +200,14 @@ class GrowthController:
             scores = {n: score(p, sites[n]) for n, p in proposals.items()}
             grow_now = policy.pick_sites("best_gain", pending, self.names, self.turn, scores)
         rows, base, z = [], None, None  # L(0): the loss after the site before (same batch and model);
-        front_flops = 0                  # z: the search batch at the site's block, carried along
-        for i, n in enumerate(grow_now):
+        front_flops, f_prev = 0, 0       # z: the search batch at the site's block, carried along
+        for i, n in enumerate(grow_now):  # (a carried z has run the front up to the previous site: f_prev)
+            carried = z is not None
             rows.append(self._grow_site(model, sites[n], proposals[n], trails[n], search_batch, trainer, base, z))
-            base, z = rows[-1]["loss_after"], rows[-1].pop("_front")
-            z, f = advance(model, n, grow_now[i + 1], z, trainer.data.input_shape) if i + 1 < len(grow_now) \
-                else (None, 0)
-            front_flops += f
+            f_front = rows[-1].pop("_f_front")
+            front_flops += f_front - (f_prev if carried else 0)
+            base, z, f_prev = rows[-1]["loss_after"], rows[-1].pop("_front"), f_front
+            z = advance(model, n, grow_now[i + 1], z) if i + 1 < len(grow_now) else None
         for row, name in zip(rows, grow_now):
             row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name], samples=stats[name].n)
         for row, name in zip(rows, grow_now):  # growth.when: the trigger that fired ("" if it did not)
@@ -310,8 +311,7 @@ class GrowthController:
         trail = [*trail, ("budget", proposal.count)]
         neurons = fit_to_site(site, proposal.neurons)
         front, rest = split_at(model, site.name)
-        fresh = z is None
-        if fresh:
+        if z is None:
             with torch.no_grad(), frozen_bn_stats(model):
                 z = front(search_batch[0])
         search = (z, search_batch[1])
@@ -342,7 +342,7 @@ class GrowthController:
             "measured_gain": found.loss_before - loss_after, "fanin_norm": fanin, "fanin_ref": fanin_ref,
             "fanout_norm": fanout, "fanout_ref": fanout_ref, "search_seconds": search_seconds,
             # compute (see the module doc), not logged
-            "_search_flops": f_front * fresh + (f_all - f_front) * (found.evaluations + 1), "_front": z,
+            "_search_flops": (f_all - f_front) * (found.evaluations + 1), "_front": z, "_f_front": f_front,
         }
 
     def _slope(self, proposal: Proposal) -> float:

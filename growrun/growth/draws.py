@@ -17,7 +17,6 @@ import torch
 
 from growrun.growth import policy
 from growrun.growth.site import frozen_bn_stats
-from growrun.models.flops import count_flops
 
 log = logging.getLogger("growrun")
 
@@ -76,17 +75,15 @@ def split_at(model, name: str):
 
 
 @torch.no_grad()
-def advance(model, start: str, stop: str, z: torch.Tensor, input_shape) -> tuple[torch.Tensor | None, int]:
-    """(z at `stop`'s block, its FLOPs per image) from z at `start`'s block (the model as it is
-    now; models' forward_between, BatchNorm running statistics untouched); (None, 0) when `stop`
-    comes before `start` or the model cannot be cut (then front(x) is computed afresh)."""
+def advance(model, start: str, stop: str, z: torch.Tensor) -> torch.Tensor | None:
+    """z at `stop`'s block from z at `start`'s block (the model as it is now; models'
+    forward_between, BatchNorm running statistics untouched); None when `stop` comes before
+    `start` or the model cannot be cut (then front(x) is computed afresh)."""
     names = model.site_names() if hasattr(model, "forward_between") else []
     if start not in names or stop not in names or names.index(stop) < names.index(start):
-        return None, 0
+        return None
     with frozen_bn_stats(model):
-        z = model.forward_between(start, stop, z)
-    to = functools.partial(model.forward_to, stop), functools.partial(model.forward_to, start)
-    return z, count_flops(model, input_shape, forward=to[0]) - count_flops(model, input_shape, forward=to[1])
+        return model.forward_between(start, stop, z)
 
 
 @torch.no_grad()
