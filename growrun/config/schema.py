@@ -80,7 +80,7 @@ class LineSearchConfig:
     shrink: float = bounded(0.5, 0.0, 1.0, lo_open=True, hi_open=True)  # backtracking factor
     max_iter: int = bounded(12, 1)
     max_gamma: float = bounded(100.0, 0.0, lo_open=True)  # 10 capped TINY in 62 of 64 searches
-    parabola: bool = True  # parabolic steps in gamma^2 (growrun/growth/linesearch.py); false: plain backtracking
+    parabola: bool = False  # parabolic steps in gamma^2 (growrun/growth/linesearch.py); false: plain backtracking
 
 
 @dataclass

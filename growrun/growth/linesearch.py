@@ -14,7 +14,7 @@ gamma lowers the loss, gamma = 0: no growth at this site. No neurons, or a slope
 first-order decrease): gamma = 0 at once, L(0) measured only. `at_gamma` measures a fixed
 amplitude instead of searching (growth=firefly: its candidates go in as trained, gamma = 1).
 
-With line_search.parabola (default) the loss is modelled, in t = gamma^2 (the neurons change
+With line_search.parabola=true the loss is modelled, in t = gamma^2 (the neurons change
 the output by gamma^2 at first order), by parabolas L(t) = L(0) + a t + c t^2 (search_gamma):
   * while no tried gamma has lowered the loss, the parabola through L(0) and the two smallest t
     tried: a < 0 < c jumps to its minimum t = -a / (2c) when that is below the next
