@@ -200,14 +200,14 @@ class GrowthController:
             scores = {n: score(p, sites[n]) for n, p in proposals.items()}
             grow_now = policy.pick_sites("best_gain", pending, self.names, self.turn, scores)
         rows, base, z = [], None, None  # L(0): the loss after the site before (same batch and model);
-        front_flops, f_prev = 0, 0       # z: the search batch at the site's block, carried along
-        for i, n in enumerate(grow_now):  # (a carried z has run the front up to the previous site: f_prev)
-            carried = z is not None
+        front_flops, f_done = 0, 0       # z: the search batch at the site's block, carried along
+        for i, n in enumerate(grow_now):  # (f_done: the front FLOPs a carried z has already run)
             rows.append(self._grow_site(model, sites[n], proposals[n], trails[n], search_batch, trainer, base, z))
             f_front = rows[-1].pop("_f_front")
-            front_flops += f_front - (f_prev if carried else 0)
-            base, z, f_prev = rows[-1]["loss_after"], rows[-1].pop("_front"), f_front
+            front_flops += f_front - f_done
+            base, z = rows[-1]["loss_after"], rows[-1].pop("_front")
             z = advance(model, n, grow_now[i + 1], z) if i + 1 < len(grow_now) else None
+            f_done = f_front if z is not None else 0
         for row, name in zip(rows, grow_now):
             row.update(stats_seconds=stats_seconds, solve_seconds=solve_seconds[name], samples=stats[name].n)
         for row, name in zip(rows, grow_now):  # growth.when: the trigger that fired ("" if it did not)
