@@ -118,14 +118,14 @@ def resume(rest: list[str]) -> int:
     SIGTERM / SIGINT / SIGHUP / SIGUSR2 to this one reach (growrun.child); a run stopped by a
     signal ends the resume with its non-zero status. A sweep: each job of it (its multirun.yaml,
     so also the jobs never started) in turn, skipping the finished ones (growrun.sweep.job_state)."""
-    from growrun.sweep import job_state, recorded_jobs, stored_overrides
+    from growrun.sweep import job_started, job_state, recorded_jobs, stored_overrides
 
     if not rest:
         raise GrowrunError("resume needs a run or sweep directory: growrun resume DIR [OVERRIDES]")
     target, extra = Path(rest[0]), rest[1:]
-    jobs = [(target, stored_overrides(target))] if (target / ".hydra").is_dir() else recorded_jobs(target)
+    jobs = [(target, stored_overrides(target))] if job_started(target) else recorded_jobs(target)
     if not jobs:
-        raise GrowrunError(f"{target}: not a growrun run or sweep directory (no .hydra/ inside)")
+        raise GrowrunError(f"{target}: not a growrun run or sweep directory (no .hydra/overrides.yaml inside)")
     todo = []
     for run_dir, overrides in jobs:
         action, held = job_state(run_dir)

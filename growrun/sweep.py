@@ -69,7 +69,7 @@ def job_state(run_dir: Path) -> tuple[str, str]:
     directory holds), e.g. ("resume", "interrupted after 3/20 epochs")."""
     from growrun.train.outputs import has_checkpoint
 
-    if not (run_dir / ".hydra").is_dir():
+    if not job_started(run_dir):
         return "start", "not started"
     summary = read_summary(run_dir)
     status = summary.get("status", "unknown")
@@ -81,9 +81,16 @@ def job_state(run_dir: Path) -> tuple[str, str]:
     return "start", f"{status}, no checkpoint"
 
 
+def job_started(run_dir: Path) -> bool:
+    """Whether Hydra set the job of run_dir up: .hydra/overrides.yaml, the last file it writes
+    before the task runs (log file, config.yaml, hydra.yaml, overrides.yaml). A job killed
+    before that (e.g. a parallel launcher's job killed with the sweep) counts as never started."""
+    return (run_dir / ".hydra" / "overrides.yaml").is_file()
+
+
 def sweep_runs(sweep_dir: Path) -> list[Path]:
-    """Run directories of a sweep (those holding a .hydra/ folder), in job order."""
-    runs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    """Run directories of a sweep (the jobs Hydra set up: job_started), in job order."""
+    runs = [p for p in sweep_dir.iterdir() if job_started(p)] if sweep_dir.is_dir() else []
     return sorted(runs, key=_job_order)
 
 
@@ -131,7 +138,7 @@ def rerun_plan(cfg: DictConfig, overrides: list[str]) -> list[str]:
     lines = []
     for i, job in enumerate(jobs):
         run_dir = sweep_dir / str(i)
-        if (run_dir / ".hydra").is_dir():
+        if job_started(run_dir):
             check_same_job(sweep_dir, run_dir, job)
         action, held = job_state(run_dir)
         label = " ".join(o for o in job if o.split("=", 1)[0] in swept)

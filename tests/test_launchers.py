@@ -231,6 +231,31 @@ def test_resume_of_a_sweep_starts_the_jobs_never_started(tmp_path, run_cli):
     assert "seed=2" in (sweep / "2" / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_job_killed_during_hydra_setup_counts_as_never_started(tmp_path, run_cli):
+    """A parallel launcher's job killed with its sweep while Hydra wrote .hydra/ (config.yaml
+    there, overrides.yaml not yet): both ways of re-running the sweep start that job afresh."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "trainer.epochs=1", "seed=0,1,2", f"hydra.sweep.dir={sweep}"]
+    first = run_cli("train", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def kill_job_2_during_setup():
+        config = (sweep / "2" / ".hydra" / "config.yaml").read_text()
+        subprocess.run(["rm", "-r", str(sweep / "2")], check=True)
+        (sweep / "2" / ".hydra").mkdir(parents=True)
+        (sweep / "2" / ".hydra" / "config.yaml").write_text(config)
+
+    kill_job_2_during_setup()
+    rerun = run_cli("train", *args, "resume=true", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "job 2 (seed=2): not started, starting" in rerun.stderr, rerun.stderr[-3000:]
+    kill_job_2_during_setup()
+    said = growrun("resume", str(sweep), cwd=tmp_path).stderr
+    assert f"starting {sweep / '2'} (not started)" in said, said[-3000:]
+    assert [status(sweep / str(i)) for i in range(3)] == ["completed"] * 3
+    assert "seed=2" in (sweep / "2" / ".hydra" / "overrides.yaml").read_text()
+
+
 def test_rerun_with_other_values_is_refused_before_anything_runs(tmp_path, run_cli):
     sweep = tmp_path / "sweep"
     first = run_cli("train", "-m", *TINY, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
