@@ -84,8 +84,11 @@ def job_state(run_dir: Path) -> tuple[str, str]:
 def job_started(run_dir: Path) -> bool:
     """Whether Hydra set the job of run_dir up: .hydra/overrides.yaml, the last file it writes
     before the task runs (log file, config.yaml, hydra.yaml, overrides.yaml). A job killed
-    before that (e.g. a parallel launcher's job killed with the sweep) counts as never started."""
-    return (run_dir / ".hydra" / "overrides.yaml").is_file()
+    before that (e.g. a parallel launcher's job killed with the sweep) counts as never started,
+    as does one killed between creating overrides.yaml and writing it (an empty file; a written
+    one holds at least `[]`)."""
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    return overrides.is_file() and overrides.stat().st_size > 0
 
 
 def sweep_runs(sweep_dir: Path) -> list[Path]:

@@ -233,7 +233,8 @@ def test_resume_of_a_sweep_starts_the_jobs_never_started(tmp_path, run_cli):
 
 def test_job_killed_during_hydra_setup_counts_as_never_started(tmp_path, run_cli):
     """A parallel launcher's job killed with its sweep while Hydra wrote .hydra/ (config.yaml
-    there, overrides.yaml not yet): both ways of re-running the sweep start that job afresh."""
+    there, overrides.yaml not yet or still empty): both ways of re-running the sweep start that
+    job afresh."""
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "trainer.epochs=1", "seed=0,1,2", f"hydra.sweep.dir={sweep}"]
     first = run_cli("train", *args, cwd=tmp_path)
@@ -250,6 +251,7 @@ def test_job_killed_during_hydra_setup_counts_as_never_started(tmp_path, run_cli
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "job 2 (seed=2): not started, starting" in rerun.stderr, rerun.stderr[-3000:]
     kill_job_2_during_setup()
+    (sweep / "2" / ".hydra" / "overrides.yaml").touch()  # killed between creating and writing it
     said = growrun("resume", str(sweep), cwd=tmp_path).stderr
     assert f"starting {sweep / '2'} (not started)" in said, said[-3000:]
     assert [status(sweep / str(i)) for i in range(3)] == ["completed"] * 3
