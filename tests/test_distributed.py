@@ -39,32 +39,46 @@ def final(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")[0]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("single")
-    proc = subprocess.run([sys.executable, "-m", "growrun", "train", *ARGS, f"hydra.run.dir={root / 'run'}"],
+def one_process(root: Path, *extra: str) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "growrun", "train", *ARGS, *extra, f"hydra.run.dir={root / 'run'}"],
                           cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
 
 
-def test_two_ranks_grow_like_one_process(tmp_path, single):
-    """Same growth decisions and widths; weights equal to float32 rounding; only rank 0 wrote."""
-    run_dir = tmp_path / "two"
-    proc = subprocess.run(torchrun(*ARGS, f"hydra.run.dir={run_dir}", cwd=tmp_path), cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    return one_process(tmp_path_factory.mktemp("single"))
+
+
+def assert_two_ranks_grow_like(single: Path, run_dir: Path, *extra: str) -> None:
+    """Two ranks (run into run_dir): same growth decisions (growth.csv up to `added`) and widths;
+    weights equal to float32 rounding; only rank 0 wrote."""
+    proc = subprocess.run(torchrun(*ARGS, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent), cwd=run_dir.parent,
+                          env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     a, b = final(run_dir), final(single)
     assert a["arch"] == b["arch"] and a["arch"]["hidden"] != [4, 4]  # grown, to the same widths
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
-    grew = [line.split(",")[:7] for line in (run_dir / "growth.csv").read_text().splitlines()]
-    assert grew == [line.split(",")[:7] for line in (single / "growth.csv").read_text().splitlines()]
+    grew = [line.split(",")[:8] for line in (run_dir / "growth.csv").read_text().splitlines()]
+    assert grew == [line.split(",")[:8] for line in (single / "growth.csv").read_text().splitlines()]
     assert len(grew) == 1 + 2 * 2  # header + 2 events x 2 sites, written once
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["widths"] == json.loads(
         (single / "summary.json").read_text())["widths"]
+
+
+def test_two_ranks_grow_like_one_process(tmp_path, single):
+    assert_two_ranks_grow_like(single, tmp_path / "two")
+
+
+@pytest.mark.parametrize("method", ["splitting", "firefly"])
+def test_methods_with_their_own_statistics_grow_alike_on_two_ranks(tmp_path, method):
+    """splitting and firefly reduce their own statistics across ranks (splitting: S_i and the
+    kernel width's std(z) of each batch; firefly: the candidates' gradients)."""
+    assert_two_ranks_grow_like(one_process(tmp_path, f"growth={method}"), tmp_path / "two", f"growth={method}")
 
 
 def test_a_dead_rank_stops_the_run_and_it_resumes(tmp_path, single):

@@ -157,11 +157,13 @@ def _patches(site: Site, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
 
 def collect(model, site: Site, batches, loss_fn: Callable, *, forward: Callable | None = None,
             bandwidth: float = DEFAULTS["bandwidth"], patches: int = DEFAULTS["patches"], generator=None,
-            ddsigma: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+            ddsigma: Callable | None = None, reduce: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(X (N, d1), C (N, K), n) over the statistics batches [(inputs of `forward`, labels)]: the kept
     patches and their weights c = g sigma''(z) a^2 (times the subsampling weight), see the module
     doc. loss_fn: the batch's summed loss. ddsigma(z, h) replaces the kernel (tests: a smooth
-    activation's sigma''(z)). Nothing of the model changes."""
+    activation's sigma''(z)). reduce: as min_eigenpairs; each rank holds its share of every batch,
+    and the kernel width h comes from std(z) over the whole batch (batch_std). Nothing of the
+    model changes."""
     forward, conv, cap = forward or model, site.is_conv, {}
     n_total = sum(len(y) for _, y in batches)
 
@@ -186,7 +188,7 @@ def collect(model, site: Site, batches, loss_fn: Callable, *, forward: Callable 
                     batch_stats = bn.training or not bn.track_running_stats
                     var = u.var(0, unbiased=False) if batch_stats else bn.running_var.to(u)
                     a = (bn.weight.detach().to(u) if bn.affine else a) / (var + bn.eps).sqrt()
-                h = (bandwidth * z.std(0, unbiased=False)).clamp_min(torch.finfo(z.dtype).tiny)
+                h = (bandwidth * batch_std(z, reduce)).clamp_min(torch.finfo(z.dtype).tiny)
                 dd = ddsigma(z, h) if ddsigma is not None else \
                     gaussian_delta(z, h) if site.activation == "relu" else torch.zeros_like(z)
                 c = g * dd * a * a
@@ -202,6 +204,19 @@ def collect(model, site: Site, batches, loss_fn: Callable, *, forward: Callable 
         for hnd in hooks:
             hnd.remove()
     return torch.cat(Xs), torch.cat(Cs), n_total
+
+
+def batch_std(z: torch.Tensor, reduce: Callable | None = None) -> torch.Tensor:
+    """Per-column std (biased) of z (N, K); with reduce, of the rows of every rank together
+    (two passes: the mean, then the mean squared deviation), as one process holding them all."""
+    if reduce is None:
+        return z.std(0, unbiased=False)
+    total = torch.cat([z.sum(0), z.new_full((1,), z.shape[0])])
+    reduce([total])
+    mean = total[:-1] / total[-1]
+    sq = ((z - mean) ** 2).sum(0)
+    reduce([sq])
+    return (sq / total[-1]).sqrt()
 
 
 def min_eigenpairs(X, C, n, *, iters: int = DEFAULTS["iters"], exact_dim: int = EXACT_DIM, generator=None,
@@ -335,7 +350,7 @@ def proposer(model, batches, loss_fn: Callable, *, forward: Callable | None = No
             return empty, directions(site, empty, site.l1.weight.new_zeros(0, site_dims(site)[0])), \
                 torch.zeros(0, dtype=torch.float64)
         X, C, n = collect(model, site, batches, loss_fn, forward=forward, bandwidth=bandwidth, patches=patches,
-                          generator=generator)
+                          generator=generator, reduce=reduce)
         if reduce is not None:
             total = torch.tensor([float(n)], dtype=torch.float64, device=dev)
             reduce([total])
