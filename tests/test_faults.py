@@ -129,6 +129,23 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, reference):
     assert_same_run(cut, reference)
 
 
+def test_requeue_exit_outside_the_signal_window_leaves_a_resumable_run(tmp_path, monkeypatch):
+    """SIGUSR2 just after the training loop (or before it) reaches submitit's own handler, which
+    requeues the job and exits (SystemExit): summary.json must say interrupted, so that the
+    requeued job resumes (growrun.launch.REQUEUED) instead of refusing the run's checkpoint."""
+    real_exit = run_module.StopSignals.__exit__
+
+    def exit_then_requeue(self, *exc):
+        real_exit(self, *exc)
+        raise SystemExit(3)  # submitit.local's LOCAL_REQUEUE_RETURN_CODE
+
+    monkeypatch.setattr(run_module.StopSignals, "__exit__", exit_then_requeue)
+    with pytest.raises(SystemExit):
+        run_module.run(compose_cfg("trainer.epochs=1", "growth=none"), tmp_path)
+    from growrun.launch import REQUEUED
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] in REQUEUED
+
+
 def test_second_signal_stops_at_once(tmp_path):
     """StopSignals: the first SIGTERM is only recorded, the second ends the process."""
     code = textwrap.dedent("""

@@ -103,6 +103,12 @@ def _run_locked(cfg: DictConfig, run_dir: Path, dist) -> dict:
     except Exception as ex:
         summary.update(status="failed", error=f"{type(ex).__name__}: {ex}")
         raise
+    except BaseException as ex:
+        # SystemExit: a preemption signal outside StopSignals' window (while the run is set up,
+        # or after its loop) reached submitit's own handler, which requeued the job and exits.
+        # "interrupted" lets the requeued job resume (growrun.launch.REQUEUED).
+        summary.update(status="interrupted", error=f"stopped by {type(ex).__name__}")
+        raise
     finally:
         if session is not None and summary.get("status") != "completed":
             summary.update(session.progress_summary())
