@@ -104,7 +104,7 @@ class Resume:
         return self.child
 
     def cleanup(self) -> None:
-        for pid in [self.child] if self.child else []:
+        for pid in [self.child] if self.child else trainers(self.proc.pid):  # its own group: not killed with us
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:

@@ -170,7 +170,7 @@ def test_ranks_sharing_the_batches_keep_the_same_candidates():
     """DDP: two ranks (threads here), each with half of every batch and `reduce` summing over
     them, train and score exactly as one process on the whole batches, and agree bit for bit."""
     net, batches = setup(True, bn=True, n=2)  # eval mode: BatchNorm does not depend on the shard
-    barrier, slots = threading.Barrier(2), [None, None]
+    barrier, slots = threading.Barrier(2, timeout=120), [None, None]  # a rank that fails breaks it, no hang
 
     def reduce_of(rank):
         def reduce(tensors):
@@ -189,11 +189,12 @@ def test_ranks_sharing_the_batches_keep_the_same_candidates():
         shards = [(x[r::2], y[r::2]) for x, y in batches]
         results[r] = train(mine, shards, 3, reduce=reduce_of(r))
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads) and None not in results, "a rank thread failed or hung"
     alone = train(net, batches, 3)
     assert torch.equal(results[0].neurons.w1, results[1].neurons.w1)
     assert torch.equal(results[0].scores, results[1].scores)

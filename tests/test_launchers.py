@@ -61,6 +61,15 @@ def wait_for(condition, what: str, timeout: float = 300):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def ended(pid: int) -> bool:
+    """Whether process pid has exited: gone, or a zombie not yet reaped (it may be reaped, and
+    its /proc entry vanish, at any instant, also between two reads of /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def epochs_logged(run_dir: Path) -> int:
     path = run_dir / "metrics.csv"
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
@@ -125,11 +134,11 @@ def test_killed_sweep_reruns_only_the_rest(tmp_path, launcher):
                  or proc.poll() is not None, "job 2 to train")
         assert proc.poll() is None, proc.stderr.read()
         trainer = int((runs[2] / ".lock").read_text())
-        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # also when the wait failed: no sweep left training
         proc.wait(timeout=60)
-    wait_for(lambda: not Path(f"/proc/{trainer}").exists() or "Z" in Path(f"/proc/{trainer}/stat").read_text(),
-             "the killed job's process to end", timeout=30)
+    wait_for(lambda: ended(trainer), "the killed job's process to end", timeout=30)
     assert status(runs[2]) == "incomplete" and epochs_logged(runs[2]) < 150
     done = [snapshot(r) for r in runs[:2]]
 
@@ -182,7 +191,7 @@ def test_sbatch_script_for_two_nodes_of_four_gpus(tmp_path):
     (bin_dir / "sbatch").write_text(textwrap.dedent(f"""\
         #!/bin/sh
         echo "$@" > {record}.args
-        cp "$1" {record}.sh
+        cp "$1" {record}.tmp && mv {record}.tmp {record}.sh  # complete once it exists (the test kills us then)
         echo "Submitted batch job 4242"
         """))
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
