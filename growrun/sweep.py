@@ -121,12 +121,21 @@ def recorded_jobs(sweep_dir: Path) -> list[tuple[Path, list[str]]]:
     """(run dir, overrides) of every job of a sweep: the jobs of its multirun.yaml (those never
     started included) and any other run directory in it, in job order."""
     jobs: dict[Path, list[str]] = {}
-    if (sweep_dir / "multirun.yaml").is_file():
-        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
-        jobs = {sweep_dir / str(i): job for i, job in enumerate(sweep_jobs(list(task)))}
+    task = _multirun_task(sweep_dir / "multirun.yaml")
+    if task is not None:
+        jobs = {sweep_dir / str(i): job for i, job in enumerate(sweep_jobs(task))}
     for run_dir in sweep_runs(sweep_dir):
         jobs[run_dir] = stored_overrides(run_dir)
     return sorted(jobs.items(), key=lambda item: _job_order(item[0]))
+
+
+def _multirun_task(path: Path) -> list[str] | None:
+    """The sweep's task overrides from its multirun.yaml; None when it is missing or unreadable
+    (Hydra writes it before the first job: a sweep killed at that instant started no job)."""
+    try:
+        return [str(o) for o in OmegaConf.load(path).hydra.overrides.task]
+    except Exception:  # missing, truncated or not a Hydra multirun.yaml (e.g. yaml or attribute errors)
+        return None
 
 
 def rerun_plan(cfg: DictConfig, overrides: list[str]) -> list[str]:

@@ -267,6 +267,17 @@ def test_job_killed_during_hydra_setup_counts_as_never_started(tmp_path, run_cli
     assert "seed=2" in (sweep / "2" / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_resume_of_a_sweep_killed_while_hydra_wrote_multirun_yaml(tmp_path, run_cli):
+    """multirun.yaml is written before any job: a sweep killed then has a truncated one and no
+    job; `growrun resume` says so in one line instead of a traceback."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra:\n  run:\n    dir: outp")
+    proc = run_cli("resume", str(sweep), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{sweep}: not a growrun run or sweep directory" in proc.stderr
+
+
 def test_rerun_with_other_values_is_refused_before_anything_runs(tmp_path, run_cli):
     sweep = tmp_path / "sweep"
     first = run_cli("train", "-m", *TINY, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
