@@ -132,9 +132,12 @@ def recorded_jobs(sweep_dir: Path) -> list[tuple[Path, list[str]]]:
 def _multirun_task(path: Path) -> list[str] | None:
     """The sweep's task overrides from its multirun.yaml; None when it is missing or unreadable
     (Hydra writes it before the first job: a sweep killed at that instant started no job)."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return [str(o) for o in OmegaConf.load(path).hydra.overrides.task]
-    except Exception:  # missing, truncated or not a Hydra multirun.yaml (e.g. yaml or attribute errors)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException, TypeError):  # missing, truncated, not Hydra's
         return None
 
 
