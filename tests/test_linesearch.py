@@ -100,3 +100,16 @@ def test_the_search_stops_where_the_loss_no_longer_resolves_the_amplitude():
     gamma, loss, n = search_gamma(loss_at, L0, -1e6, cfg(True))  # gamma_0 = 1e-3
     assert (gamma, loss) == (0.0, L0) and n == len(calls) == 2
     assert search_gamma(recorded(curve)[0], L0, -1e6, cfg(False))[2] == 12
+
+
+def test_a_rounding_step_is_no_decrease_with_min_decrease():
+    """A curve whose only decrease is 1e-7 L(0) (a float32 rounding step of a mean loss), at the
+    smallest amplitudes: taken with min_decrease = 0 (the default), gamma = 0 with 1e-6."""
+    curve = lambda t: -1e-7 * L0 if t < 1.0 else 1e-3 * t  # noqa: E731
+    taken = search_gamma(recorded(curve)[0], L0, SLOPE, cfg(False))
+    assert taken[0] > 0 and taken[1] == L0 - 1e-7 * L0
+    strict = SimpleNamespace(**vars(cfg(False)), min_decrease=1e-6)
+    gamma, loss, _ = search_gamma(recorded(curve)[0], L0, SLOPE, strict)
+    assert gamma == 0.0 and loss == L0
+    curve2 = lambda t: -1e-5 * L0 if t < 1.0 else 1e-3 * t  # noqa: E731  a decrease it resolves
+    assert search_gamma(recorded(curve2)[0], L0, SLOPE, strict)[0] > 0

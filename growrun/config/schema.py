@@ -81,6 +81,7 @@ class LineSearchConfig:
     max_iter: int = bounded(12, 1)
     max_gamma: float = bounded(100.0, 0.0, lo_open=True)  # 10 capped TINY in 62 of 64 searches
     parabola: bool = False  # parabolic steps in gamma^2 (growrun/growth/linesearch.py); false: plain backtracking
+    min_decrease: float = bounded(0.0, 0.0, 1.0, hi_open=True)  # a decrease counts when above this x L(0)
 
 
 @dataclass

@@ -10,7 +10,10 @@ decrease of half the current loss:
 From there gamma backtracks geometrically (gamma <- shrink * gamma) on the true training loss
 of a held batch, evaluated with the candidate neurons attached by hooks (no module rebuilt),
 until the loss has decreased and stops improving; the best gamma seen wins. When no tried
-gamma lowers the loss, gamma = 0: no growth at this site. No neurons, or a slope p >= 0 (no
+gamma lowers the loss (by more than line_search.min_decrease x L(0): 0 by default, any
+decrease; 1e-6 is about the float32 resolution of a mean loss, so that a decrease of a rounding
+step, which another summation order may not reproduce, is not taken), gamma = 0: no growth at
+this site. No neurons, or a slope p >= 0 (no
 first-order decrease): gamma = 0 at once, L(0) measured only. `at_gamma` measures a fixed
 amplitude instead of searching (growth=firefly: its candidates go in as trained, gamma = 1).
 
@@ -102,8 +105,9 @@ def line_search(model: nn.Module, site: Site, neurons: Neurons, moments, slope: 
 def search_gamma(loss_at: Callable[[float], float], base: float, slope: float, cfg) -> tuple[float, float, int]:
     """(gamma, L(gamma), evaluations) of the search in the module doc, given L(0) = base and the
     slope p < 0; loss_at(gamma) evaluates. cfg: shrink, max_iter, max_gamma, parabola (absent:
-    False, the plain backtracking)."""
+    False, the plain backtracking), min_decrease (absent: 0)."""
     fit = getattr(cfg, "parabola", False)
+    lowered = base - getattr(cfg, "min_decrease", 0.0) * abs(base)  # what a first decrease must go below
     gamma = min(cfg.max_gamma, math.sqrt(base / (2 * -slope)))
     floor = gamma * cfg.shrink ** (cfg.max_iter - 1)  # the last amplitude plain backtracking tries
     tried: list[tuple[float, float]] = []  # (t = gamma^2, L)
@@ -111,7 +115,7 @@ def search_gamma(loss_at: Callable[[float], float], base: float, slope: float, c
     while True:
         loss = loss_at(gamma)
         tried.append((gamma * gamma, loss))
-        if loss < best_loss:
+        if loss < (best_loss if best_gamma > 0 else lowered):
             best_gamma, best_loss = gamma, loss
         elif best_gamma > 0:
             break  # passed the best amplitude along the backtracking sequence
