@@ -74,11 +74,10 @@ def test_two_ranks_grow_like_one_process(tmp_path, single):
     assert_two_ranks_grow_like(single, tmp_path / "two")
 
 
-@pytest.mark.parametrize("method", ["splitting", "firefly"])
-def test_methods_with_their_own_statistics_grow_alike_on_two_ranks(tmp_path, method):
-    """splitting and firefly reduce their own statistics across ranks (splitting: S_i and the
-    kernel width's std(z) of each batch; firefly: the candidates' gradients)."""
-    assert_two_ranks_grow_like(one_process(tmp_path, f"growth={method}"), tmp_path / "two", f"growth={method}")
+def test_splitting_grows_alike_on_two_ranks(tmp_path):
+    """splitting reduces its own statistics across ranks: S_i and the kernel width's std(z) of
+    each batch (firefly's reduced training: tests/test_firefly.py, ranks as threads)."""
+    assert_two_ranks_grow_like(one_process(tmp_path, "growth=splitting"), tmp_path / "two", "growth=splitting")
 
 
 def test_a_dead_rank_stops_the_run_and_it_resumes(tmp_path, single):
