@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import MissingConfigException
+from test_faults_cli import alive
 
 from growrun.config.precheck import _missing_message
 from growrun.train.outputs import load_checkpoint
@@ -59,15 +60,6 @@ def wait_for(condition, what: str, timeout: float = 300):
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def ended(pid: int) -> bool:
-    """Whether process pid has exited: gone, or a zombie not yet reaped (it may be reaped, and
-    its /proc entry vanish, at any instant, also between two reads of /proc)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def epochs_logged(run_dir: Path) -> int:
@@ -138,7 +130,7 @@ def test_killed_sweep_reruns_only_the_rest(tmp_path, launcher):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # also when the wait failed: no sweep left training
         proc.wait(timeout=60)
-    wait_for(lambda: ended(trainer), "the killed job's process to end", timeout=30)
+    wait_for(lambda: not alive(trainer), "the killed job's process to end", timeout=30)  # gone or a zombie
     assert status(runs[2]) == "incomplete" and epochs_logged(runs[2]) < 150
     done = [snapshot(r) for r in runs[:2]]
 

@@ -13,9 +13,9 @@ until the loss has decreased and stops improving; the best gamma seen wins. When
 gamma lowers the loss (by more than line_search.min_decrease x L(0): 0 by default, any
 decrease; 1e-6 is about the float32 resolution of a mean loss, so that a decrease of a rounding
 step, which another summation order may not reproduce, is not taken), gamma = 0: no growth at
-this site. No neurons, or a slope p >= 0 (no
-first-order decrease): gamma = 0 at once, L(0) measured only. `at_gamma` measures a fixed
-amplitude instead of searching (growth=firefly: its candidates go in as trained, gamma = 1).
+this site. No neurons, or a slope p >= 0 (no first-order decrease): gamma = 0 at once, L(0)
+measured only. `at_gamma` measures a fixed amplitude instead of searching (growth=firefly: its
+candidates go in as trained, gamma = 1).
 
 With line_search.parabola=true the loss is modelled, in t = gamma^2 (the neurons change
 the output by gamma^2 at first order), by parabolas L(t) = L(0) + a t + c t^2 (search_gamma):
