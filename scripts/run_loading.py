@@ -15,7 +15,7 @@ from growrun.train.outputs import load_checkpoint
 
 def load_run(run_dir: Path):
     """(checkpoint dict, config, data, model) of the run in run_dir."""
-    ckpt, _ = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", torch.device("cpu"))
+    ckpt, _ = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")
     cfg = OmegaConf.create(ckpt["config"])
     data = load_data(cfg.dataset, torch.device("cpu"), cfg.seed)
     model = build_model(ckpt["arch"]).to(memory_format=torch.channels_last)

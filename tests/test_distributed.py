@@ -131,3 +131,30 @@ def _descends(pid: int, ancestor: int) -> bool:
         if pid == ancestor:
             return True
     return False
+
+
+def test_two_ranks_resume_inside_a_training_statistics_window(tmp_path):
+    """growth.stats=training on 2 ranks, killed in the event of step 6 after the checkpoint of
+    step 5, which holds the window's first batch: each rank's partial sums were saved and each
+    rank resumes its own (before, every rank resumed rank 0's, and the event grew other
+    neurons). The resumed run is the uninterrupted one: growth.csv and weights equal."""
+    extra = ["growth.stats=training", "trainer.checkpoint_every=1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for run_dir, env in ((full, {}), (cut, {"GROWRUN_KILL_AT": "stats:2"})):
+        proc = subprocess.run(torchrun(*ARGS, *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path), cwd=tmp_path,
+                              env={**_env(), **env}, capture_output=True, text=True, timeout=600)
+        assert (proc.returncode == 0) == (run_dir == full), (proc.stdout + proc.stderr)[-3000:]
+    window = final(cut)["trainer"]["growth"]["window"]
+    assert final(cut)["trainer"]["step"] == 5 and [r["fc1"]["batches"] for r in window["ranks"]] == [1, 1]
+    again = subprocess.run(torchrun(*ARGS, *extra, "resume=true", f"hydra.run.dir={cut}", cwd=tmp_path), cwd=tmp_path,
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    a, b = final(full), final(cut)
+    assert a["arch"] == b["arch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    def rows(run_dir):
+        lines = (run_dir / "growth.csv").read_text().splitlines()
+        keep = [i for i, c in enumerate(lines[0].split(",")) if "seconds" not in c]
+        return [[line.split(",")[i] for i in keep] for line in lines]
+
+    assert rows(cut) == rows(full) and len(rows(full)) == 1 + 2 * 2

@@ -165,7 +165,12 @@ class TrainerConfig:
     progress: str = choices("auto", "auto", "on", "off", help="per-batch bars; auto: on a terminal")
     eval_every: int = bounded(1, 1)  # evaluate every this many epochs (and always at the end)
     threads: int = bounded(0, 0)  # torch intra-op threads (0: torch's default)
-    deterministic: bool = True  # deterministic algorithms (exact on CPU)
+    # deterministic algorithms, cuDNN autotuner off: auto = on for CPU (exact resume, little cost),
+    # off for CUDA (speed; a resumed run then differs in the last bits); true / false force it
+    deterministic: Any = choices("auto", "auto", True, False)
+    # TF32 for float32 matmuls and convolutions of training steps and evaluation (Ampere and later
+    # GPUs); growth events (statistics, solves, line search) never use it; growrun/devices.py
+    tf32: bool = False
     # NHWC memory format for convs: auto = on for CPU and CUDA (1.27-1.64x faster in training on
     # an AMD EPYC, bench/memory_format.json), off elsewhere (MPS); true / false force it
     channels_last: Any = choices("auto", "auto", True, False)

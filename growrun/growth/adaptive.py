@@ -50,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from .solve import gram_eigh, psolve, tiny_matrix
+from .solve_device import moved
 from .stats import NormalizedStats, SiteStats
 
 
@@ -98,12 +99,14 @@ def cross_validated_gains(ns: NormalizedStats, *, projection: bool, rel_eps: flo
 
 
 def adaptive_count(stats: SiteStats, *, projection: bool, noise_sigmas: float, max_count: int,
-                   rel_eps: float = 1e-7) -> int:
+                   rel_eps: float = 1e-7, device: torch.device | None = None) -> int:
     """Number of leading TINY neurons whose held-out gain exceeds noise_sigmas standard errors
-    (module doc), at most max_count. Needs statistics collected with folds >= 2."""
+    (module doc), at most max_count. Needs statistics collected with folds >= 2. device: where
+    the float64 solves run (growth.solve_device; None: the statistics' device)."""
     if max_count <= 0:
         return 0
-    c, se = cross_validated_gains(stats.normalized(), projection=projection, rel_eps=rel_eps,
-                                  max_count=max_count)
+    ns = stats.normalized()
+    c, se = cross_validated_gains(ns if device is None else moved(ns, device), projection=projection,
+                                  rel_eps=rel_eps, max_count=max_count)
     above = c > noise_sigmas * se
     return int(above.long().cumprod(0).sum()) if above.numel() else 0

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from growrun import faults
+from growrun import devices, faults
 from growrun.data.loader import derive_seed
 from growrun.growth import firefly, policy, splitting
 from growrun.growth.adaptive import adaptive_count
@@ -64,6 +64,7 @@ from growrun.growth.linesearch import SearchResult, at_gamma, line_search
 from growrun.growth.neurons import Proposal, net2net_copies, propose
 from growrun.growth.scale import existing_norms, neuron_norms, normalized, rebalance, rebalance_factors
 from growrun.growth.site import frozen_bn_stats
+from growrun.growth.solve_device import solve_device as pick_solve_device
 from growrun.growth import stats_training
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import (apply_weight_update, fit_to_site, insert_copies, insert_neurons,
@@ -79,8 +80,10 @@ AS_TRAINED = ("firefly",)  # inserted as proposed (gamma = 1) without a line sea
 
 
 class GrowthController:
-    def __init__(self, cfg, run_dir: Path, model, steps_per_epoch: int, n_train: int):
+    def __init__(self, cfg, run_dir: Path, model, steps_per_epoch: int, n_train: int, dist: Single | None = None):
         self.cfg, self.g, self.steps_per_epoch = cfg, cfg.growth, steps_per_epoch
+        self.dist = dist or Single()
+        self._solve_on: str | None = None  # growth.solve_device resolved on rank 0 ("cpu" | "model")
         self.schedule = set(policy.growth_steps(self.g, steps_per_epoch, cfg.trainer.epochs))
         sites = model.sites()
         self.names = list(sites)
@@ -119,7 +122,8 @@ class GrowthController:
             self.recording.detach()
             self.recording = None
         if self.recording is None and self._window_state is not None:  # resumed inside a window
-            state, self._window_state = self._window_state, None
+            state = stats_training.rank_window(self._window_state, self.dist.rank, self.dist.world)
+            self._window_state = None
             sites = self.model.sites()
             self.recording = stats_training.TrainingStats([sites[n] for n in state], state=state)
         elif self.recording is None and step in self.windows:
@@ -133,7 +137,12 @@ class GrowthController:
             self.recording.attach()
 
     def state_dict(self) -> dict:
-        window = self.recording.state_dict() if self.recording is not None else self._window_state
+        """Called on every rank (an open statistics window's partial sums are gathered from
+        each: stats_training.gather_window); only rank 0's result is saved."""
+        if self.recording is not None:
+            window = stats_training.gather_window(self.recording.state_dict(), self.dist)
+        else:
+            window = self._window_state
         return {"event": self.event, "turn": self.turn, "start": dict(self.start), "flops": self.flops,
                 "window": window, "losses": list(self.losses),
                 "plateau_used": self.plateau_used}
@@ -154,7 +163,19 @@ class GrowthController:
             self.losses.append(float(loss))
 
     def grow(self, trainer) -> float:
-        started = time.time()
+        """One growth event (module doc); returns its seconds. TF32 is off throughout
+        (growrun.devices: the statistics and the line search assume float32 rounding), and so
+        is cuDNN's autotuner (the event's shapes occur once)."""
+        with devices.exact_fp32(), devices.no_autotune():
+            return self._grow(trainer)
+
+    def _clock(self) -> float:
+        """Wall-clock seconds once the model's device has finished its queued work (CUDA)."""
+        devices.synchronize(next(self.model.parameters()).device)
+        return time.time()
+
+    def _grow(self, trainer) -> float:
+        started = self._clock()
         if self.g.when == "plateau" and not self._plateau_fires():
             return self._skip_event(trainer, started)
         model = trainer.model
@@ -166,7 +187,7 @@ class GrowthController:
         stats_batches, search_batch = draw_samples(trainer.data.train, trainer.train_loader.normalize,
                                                    0 if recording else self.g.samples, self.g.line_search.batch_size,
                                                    self.g.stats_batch_size, gen, trainer.memory_format)
-        dist = getattr(trainer, "dist", None) or Single()
+        dist = self.dist
         forward = trainer.flops_per_image  # at the width before the event (the trainer keeps it current)
         n_stats, n_search = sum(len(y) for _, y in stats_batches), len(search_batch[1])
         stats_batches, search_batch = [dist.shard(b) for b in stats_batches], dist.shard(search_batch)
@@ -174,7 +195,7 @@ class GrowthController:
         sites = model.sites()
         pending = self._growable_names()
         grow_now = policy.pick_sites(self.g.sites, pending, self.names, self.turn) if self.g.sites != "best_gain" else pending
-        t0 = time.time()
+        t0 = self._clock()
         if recording is not None:  # growth.stats=training: the window's sums
             window_seconds = recording.seconds
             stats = recording.finish()
@@ -186,15 +207,15 @@ class GrowthController:
                                        conv_fanout=self.g.conv_fanout)
         for site_stats in stats.values():
             dist.sum_(site_stats.tensors())
-        stats_seconds = (time.time() - t0 + window_seconds) / max(1, len(grow_now))
+        stats_seconds = (self._clock() - t0 + window_seconds) / max(1, len(grow_now))
         faults.reach("stats")
         self._event = {"model": model, "batches": stats_batches, "dist": dist, "shape": trainer.data.input_shape,
                        "n_stats": n_stats}  # what growth=firefly / splitting use (_hook)
         proposals, trails, solve_seconds = {}, {}, {}
         for name in grow_now:
-            t0 = time.time()
+            t0 = self._clock()
             proposals[name], trails[name] = self._propose(sites[name], stats[name], gen)
-            solve_seconds[name] = time.time() - t0
+            solve_seconds[name] = self._clock() - t0
         self._event = None
         if self.g.sites == "best_gain":
             scores = {n: score(p, sites[n]) for n, p in proposals.items()}
@@ -220,8 +241,9 @@ class GrowthController:
         self.event += 1
         trainer.prepare_model()
         added = ", ".join(f"{r['site']}+{r['added']}" + (f" ({r['reason']})" if r["reason"] else "") for r in rows)
-        log.info("growth %d at step %d: %s (%.1fs)", self.event, trainer.step, added or "nothing", time.time() - started)
-        return time.time() - started
+        seconds = self._clock() - started
+        log.info("growth %d at step %d: %s (%.1fs)", self.event, trainer.step, added or "nothing", seconds)
+        return seconds
 
     # --- one event -----------------------------------------------------------------------------
     def _plateau_fires(self) -> bool:
@@ -247,9 +269,10 @@ class GrowthController:
         if self.writes:
             self.log.append(rows)
         self.event += 1
+        seconds = self._clock() - started
         log.info("growth %d at step %d: not grown, growth.when=plateau did not fire (%.1fs)", self.event, trainer.step,
-                 time.time() - started)
-        return time.time() - started
+                 seconds)
+        return seconds
 
     def _growable_names(self) -> list[str]:
         """Sites below their target width for which growth.param_budget leaves one neuron."""
@@ -273,13 +296,14 @@ class GrowthController:
                         "not finite" if unusable == "nonfinite" else "degenerate (zero gradient)")
             stats, k = zeroed(stats), 0
             trail.append((unusable, 0))
+        solve_on = self._solve_device(stats.S1.device)
         if g.neurons == "adaptive" and k:
             k = adaptive_count(stats, projection=g.method != "tiny_noproj", noise_sigmas=g.noise_sigmas,
-                               max_count=k, rel_eps=g.rel_eps)
+                               max_count=k, rel_eps=g.rel_eps, device=pick_solve_device(stats.S1.device, solve_on))
             trail.append(("adaptive", k))
         proposal = propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
                            rel_eps=g.rel_eps, generator=gen, net2net_pick=g.net2net_pick, net2net_noise=g.net2net_noise,
-                           solve_device=g.solve_device,
+                           solve_device=solve_on,
                            firefly=self._hook(firefly, site, gen) if g.method == "firefly" else None,
                            splitting=self._hook(splitting, site, gen) if g.method == "splitting" else None)
         trail.append(("rank", proposal.count))
@@ -288,6 +312,14 @@ class GrowthController:
             proposal = proposal.take(0)  # the trigger comes first: every later stage has 0
             trail = [trail[0], ("trigger", 0), *((stage, 0) for stage, _ in trail[1:])]
         return proposal, trail
+
+    def _solve_device(self, device: torch.device) -> str:
+        """growth.solve_device as "cpu" or "model", chosen once, on rank 0 (auto times the devices:
+        ranks timing on their own could choose differently) and shared with every rank."""
+        if self._solve_on is None:
+            chosen = pick_solve_device(device, self.g.solve_device) if self.dist.is_main else None
+            self._solve_on = self.dist.share(None if chosen is None else "cpu" if chosen.type == "cpu" else "model")
+        return self._solve_on
 
     def _hook(self, module, site, gen):
         """growth=firefly / splitting: the proposal hook of `site` (propose(firefly=...) /
@@ -304,7 +336,7 @@ class GrowthController:
         batch's inputs at the site's block (None: computed here, model.forward_to); every loss
         runs from the block on (model.forward_from). BatchNorm moments of the new channels: on
         the search batch. base: the search batch's loss now, if known."""
-        t0 = time.time()
+        t0 = self._clock()
         cap = policy.affordable(self.g, count_params(model), site.params_per_neuron())
         if cap is not None and cap < proposal.count:
             proposal = proposal.take(cap)
@@ -317,7 +349,8 @@ class GrowthController:
         search = (z, search_batch[1])
         moments = None
         if site.bn is not None and neurons.count and proposal.copy_of is None:  # net2net copies its BN channels
-            moments = new_channel_moments(model, site, neurons, [z], forward=rest)
+            moments = new_channel_moments(model, site, neurons, [z], forward=rest,
+                                          reduce=self.dist.sum_ if self.dist.active else None)
         found = self._search(model, site, proposal, neurons, moments, search, rest, base)
         faults.reach("search")
         added = neurons.count if found.gamma > 0 else 0
@@ -328,7 +361,7 @@ class GrowthController:
         if added:
             self._insert(site, proposal, neurons, moments, found.gamma, trainer.optimizer)
         fanin, fanout = neuron_norms(site.l1.weight[width:], site.l2.weight[:, width:])
-        search_seconds = time.time() - t0
+        search_seconds = self._clock() - t0
         loss_after = measure(model, search, self._mean_loss, rest)
         return {
             "event": self.event + 1, "epoch": round(trainer.step / self.steps_per_epoch, 4), "step": trainer.step,

@@ -220,7 +220,7 @@ def firefly_candidates(model: torch.nn.Module, site: Site, batches: Sequence[tup
             for step in range(steps):  # 2. training, every candidate attached
                 x, y = batches[step % len(batches)]
                 ga, gw = torch.autograd.grad(loss_fn(forward(x), y), [a, w])
-                n = torch.tensor([float(y.shape[0])], dtype=ga.dtype, device=ga.device)
+                n = ga.new_full((1,), float(y.shape[0]))  # no host-to-device copy (a sync on CUDA)
                 if reduce is not None:
                     reduce([ga, gw, n])
                 a.grad = ga / n + 2 * FANIN_DECAY * a.detach()

@@ -75,6 +75,7 @@ Cost: S1full ~ S1 (one weighted Gram of L1's patches); [Pfull; M1full] ~ kk x th
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +85,17 @@ from .solve import TinySolution, tiny_matrix, tiny_solve
 from .unfold import conv_geometry, im2col, out_len
 
 
+@functools.lru_cache(maxsize=64)
 def multiplicity(n1: int, n2: int, k2: int, s2: int, p2: int, device=None, dtype=torch.float64) -> torch.Tensor:
     """mult[l] = #{(i, u): s2 * i - p2 + u = l, 0 <= i < n2, 0 <= u < k2} for l in [0, n1):
-    how many (L2 output, kernel offset) pairs read L1 output position l (one axis)."""
-    i = torch.arange(n2, device=device).unsqueeze(1)
-    u = torch.arange(k2, device=device).unsqueeze(0)
+    how many (L2 output, kernel offset) pairs read L1 output position l (one axis). Counted on
+    the CPU and cached per (geometry, device, dtype): the boolean mask and bincount would
+    synchronise a GPU on every statistics batch. Read only."""
+    i = torch.arange(n2).unsqueeze(1)
+    u = torch.arange(k2).unsqueeze(0)
     l = (s2 * i - p2 + u).reshape(-1)
     l = l[(l >= 0) & (l < n1)]
-    return torch.bincount(l, minlength=n1).to(dtype)
+    return torch.bincount(l, minlength=n1).to(device=device, dtype=dtype)
 
 
 def shifted_sums(X1: torch.Tensor, W: torch.Tensor, batch: int, grid1: tuple[int, int], grid2: tuple[int, int],

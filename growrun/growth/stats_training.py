@@ -25,10 +25,11 @@ Forward passes without gradients (evaluation) are not recorded.
 from __future__ import annotations
 
 import math
-import time
 from typing import Sequence
 
 import torch
+
+from growrun.devices import Stopwatch, exact_fp32
 
 from .site import Site
 from .stats import SiteStats, _Scratch, _SiteRecorder
@@ -53,7 +54,7 @@ class _TrainingRecorder(_SiteRecorder):
         super().__init__(site, folds, device, dtype)
         self.scratch = scratch
         self.batches = 0  # training batches recorded (their index decides the fold)
-        self.seconds = 0.0  # time spent adding products
+        self.clock = Stopwatch(device)  # time spent adding products (CUDA: timed by events, no sync)
 
     def _pre1(self, m, args) -> None:
         if torch.is_grad_enabled():
@@ -70,10 +71,11 @@ class _TrainingRecorder(_SiteRecorder):
             self.reset()
 
     def _on_grad(self, grad: torch.Tensor) -> None:
-        t0 = time.perf_counter()
-        self.accumulate(grad.detach() * grad.shape[0], self.batches, self.scratch)
+        self.clock.start()
+        with exact_fp32():  # the products in float32 even when training steps use TF32 (growrun.devices)
+            self.accumulate(grad.detach() * grad.shape[0], self.batches, self.scratch)
         self.batches += 1
-        self.seconds += time.perf_counter() - t0
+        self.clock.stop()
 
     def state(self) -> dict:
         return {"S1": self.S1, "C": self.C, "Q": self.Q, "n_folds": self.n_folds, "batches": self.batches}
@@ -103,7 +105,7 @@ class TrainingStats:
 
     @property
     def seconds(self) -> float:
-        return sum(r.seconds for r in self.recorders)
+        return sum(r.clock.seconds for r in self.recorders)
 
     @property
     def batches(self) -> int:
@@ -130,3 +132,27 @@ class TrainingStats:
         """Stop recording; {site name: SiteStats} of the batches recorded."""
         self.detach()
         return {rec.site.name: rec.finish() for rec in self.recorders}
+
+
+def gather_window(window: dict, dist) -> dict | None:
+    """A checkpoint's record of an open window (rank 0's result; None on other ranks): the
+    partial sums of this process, or with several ranks {"ranks": [each rank's, on the CPU]}, since
+    each rank's sums come from its own share of the batches (the event sums them across ranks)."""
+    if not dist.active:
+        return window
+    cpu = {site: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
+           for site, state in window.items()}
+    ranks = dist.gather(cpu)
+    return None if ranks is None else {"ranks": ranks}
+
+
+def rank_window(window: dict, rank: int, world: int) -> dict:
+    """This rank's partial sums from gather_window's record. Saved by another number of ranks
+    (or one process): rank 0 takes the sum of all, the others start from zero, so the event's
+    sum across ranks is still the recorded total."""
+    ranks = window["ranks"] if "ranks" in window else [window]
+    if len(ranks) == world:
+        return ranks[rank]
+    return {site: {k: (sum(r[site][k] for r in ranks) * (rank == 0) if torch.is_tensor(v) and k != "batches"
+                       else v) for k, v in state.items()}
+            for site, state in ranks[0].items()}

@@ -25,7 +25,7 @@ insert_copies   net2net (Net2WiderNet): L2's existing weight replaced by the spl
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -241,10 +241,13 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def new_channel_moments(model: nn.Module, site: Site, neurons: Neurons,
-                        batches: Iterable[torch.Tensor], forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        batches: Iterable[torch.Tensor], forward=None,
+                        reduce: Callable[[list], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-neuron mean and biased variance of z = L1op(x; w1, b1) over all samples and positions,
     x being L1's input when `model` (in its current mode) runs on `batches` (through `forward`,
-    default the model, e.g. the part of it from the site's block on). Nothing changes."""
+    default the model, e.g. the part of it from the site's block on). Nothing changes. reduce:
+    sums the (count, sum, sum of squares) across processes in place (each holds a share of the
+    batches: every rank then inserts the same BatchNorm), None in one process."""
     acc: list[torch.Tensor] = []
 
     def hook(_module, inputs, _output):
@@ -266,6 +269,8 @@ def new_channel_moments(model: nn.Module, site: Site, neurons: Neurons,
         handle.remove()
     if not acc:
         raise ValueError("new_channel_moments: no batches")
+    if reduce is not None:
+        reduce(acc)
     count, s1, s2 = acc[0]
     mean = s1 / count
     var = (s2 / count - mean * mean).clamp_min(0.0)

@@ -14,11 +14,13 @@ surgery the DDP wrapper is rebuilt, which broadcasts rank 0's parameters and buf
 ranks continue from identical weights. Epoch metrics and evaluation are summed across ranks.
 Only rank 0 writes (CSV logs, checkpoints, summary.json) and holds the run-directory lock.
 
-BatchNorm normalises over each rank's share (as DDP does; SyncBatchNorm is CUDA-only), so a
-K-process run of a BatchNorm model is not the single-process run; without BatchNorm it is, up
-to float32 summation order (tests/test_distributed.py).
+BatchNorm normalises over each rank's share (as DDP does; no SyncBatchNorm), so a K-process run
+of a BatchNorm model is not the single-process run; without BatchNorm it is, up to float32
+summation order (tests/test_distributed.py).
 
-Single process: `Single()`, whose methods are identities. Backend: nccl on CUDA, gloo on CPU.
+Single process: `Single(device)`, whose methods are identities. Backend: nccl on CUDA (each rank
+on cuda:LOCAL_RANK, made current before the group is created), gloo on CPU. The ranks agree on
+stops and timed checkpoints every AGREE_EVERY steps (run.py), not after every step.
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ from torch import nn
 from growrun.errors import GrowrunError
 
 _PEER_GONE = ("Connection closed", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out", "Timed out")
+# ranks agree on a stop or a timed checkpoint after every AGREE_EVERY-th step (and at epoch ends):
+# one all-reduce and host sync per AGREE_EVERY steps instead of per step; a stop signal is acted
+# on within that many steps
+AGREE_EVERY = 16
 TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("GROWRUN_DIST_TIMEOUT_MIN", "30")))
 
 
@@ -53,7 +59,11 @@ def world_from_env() -> tuple[int, int, int]:
 
 class Single:
     """One process: nothing to share."""
-    rank, world, active = 0, 1, False
+    rank, world, local_rank, active = 0, 1, 0, False
+    agree_every = 1  # agree() after every step: free in one process
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
 
     @property
     def is_main(self) -> bool:
@@ -72,8 +82,14 @@ class Single:
         return flag
 
     def agree(self, due: bool, stop: bool) -> tuple[bool, bool]:
-        """(rank 0's `due`, any rank's `stop`): one decision for all ranks after a step."""
+        """(rank 0's `due`, any rank's `stop`): one decision for all ranks, taken after every
+        `agree_every`-th step and at epoch ends (a host sync each time on CUDA)."""
         return due, stop
+
+    def gather(self, value) -> list | None:
+        """[every rank's value] on rank 0 (picklable, small; tensors moved to the CPU first),
+        None on the other ranks."""
+        return [value]
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -89,18 +105,21 @@ class Single:
 
 
 class ProcessGroup(Single):
-    """K processes joined by torch.distributed (env:// rendezvous, as torchrun sets it up)."""
+    """K processes joined by torch.distributed (env:// rendezvous, as torchrun sets it up).
+    `device` is this rank's (rank_device): on CUDA it is made the current device before the
+    group exists, so that NCCL's communicator and every collective use this rank's GPU."""
     active = True
+    agree_every = AGREE_EVERY
 
-    def __init__(self, device: torch.device):
-        self.rank, self.world, self.local_rank = world_from_env()
+    def __init__(self, device: torch.device, rank: int, world: int, local_rank: int):
+        self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
         backend = "nccl" if device.type == "cuda" else "gloo"
+        extra = {"device_id": device} if device.type == "cuda" else {}
         try:
-            tdist.init_process_group(backend, timeout=TIMEOUT)
+            tdist.init_process_group(backend, timeout=TIMEOUT, **extra)
         except (RuntimeError, ValueError) as ex:
             raise GrowrunError(f"distributed run (WORLD_SIZE={self.world}): cannot join the other ranks "
                                f"({str(ex).splitlines()[0][:200]}); launch with torchrun") from None
-        self.device = device
 
     def shard(self, batch):
         """This rank's contiguous share of a global batch (shares differ by at most one row)."""
@@ -108,8 +127,15 @@ class ProcessGroup(Single):
         return x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
 
     def sum_(self, tensors):
+        """In place; a tensor that is not contiguous (a permuted einsum result, a channels_last
+        view) is reduced through a contiguous copy (NCCL needs dense, row-major memory)."""
         for t in tensors:
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+            if t.is_contiguous():
+                tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+            else:
+                dense = t.contiguous()
+                tdist.all_reduce(dense, op=tdist.ReduceOp.SUM)
+                t.copy_(dense)
 
     def max_int(self, value):
         value = value.clone()
@@ -125,12 +151,22 @@ class ProcessGroup(Single):
         return bool(flags[0]), bool(flags[1])
 
     def wrap(self, model):
+        """The DDP wrapper of the model as it is now. Parameters with no entries (a site at width
+        0: its empty L1 and BatchNorm never reach the loss) are left out of DDP's reduction,
+        which otherwise waits for their gradients and fails at the second step."""
+        empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, empty)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def sync_buffers(self, model):
         for b in model.buffers():
             tdist.broadcast(b, src=0)
+
+    def gather(self, value):
+        out = [None] * self.world if self.is_main else None
+        tdist.gather_object(value, out, dst=0)
+        return out
 
     def share(self, value):
         """rank 0's value of a picklable object, on every rank."""
@@ -152,15 +188,27 @@ class ProcessGroup(Single):
 
 
 def connect(device: torch.device) -> Single:
-    return ProcessGroup(device) if world_from_env()[1] > 1 else Single()
+    """The other ranks (torchrun's environment) or Single; `.device` is this process's device."""
+    rank, world, local_rank = world_from_env()
+    if world <= 1:
+        return Single(device)
+    return ProcessGroup(rank_device(device, local_rank), rank, world, local_rank)
 
 
-def rank_device(device: torch.device, dist: Single) -> torch.device:
-    """cuda:LOCAL_RANK for a CUDA run of several ranks; `device` otherwise."""
-    if dist.active and device.type == "cuda":
-        torch.cuda.set_device(dist.local_rank)
-        return torch.device("cuda", dist.local_rank)
-    return device
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """A rank's device: cuda:LOCAL_RANK for CUDA, made the current device (before the process
+    group is created: NCCL binds its communicator to the current device); `device` otherwise.
+    An explicit device=cuda:N is refused: with several ranks the index is torchrun's."""
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise GrowrunError(f"device={device}: with several ranks each rank uses cuda:LOCAL_RANK; use device=cuda "
+                           "or auto (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if local_rank >= torch.cuda.device_count():
+        raise GrowrunError(f"LOCAL_RANK={local_rank}: only {torch.cuda.device_count()} CUDA device(s) visible; "
+                           "start at most that many ranks per node")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def check_batch(batch_size: int, dist: Single) -> None:

@@ -139,14 +139,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(wrapped, f), keep_previous=previous_path(path))
 
 
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+def read_checkpoint(path: Path) -> dict:
     """One checkpoint file, checked: CheckpointError (one line) when it is torn, damaged, not a
-    growrun checkpoint, or holds anything but tensors and plain containers."""
+    growrun checkpoint, or holds anything but tensors and plain containers. Every tensor is
+    loaded on the CPU, whatever device it was saved from: the RNG states must stay CPU tensors
+    (torch.set_rng_state takes a CPU ByteTensor), and the model, optimizer and trainer states
+    are copied to the run's device by their load_state_dict."""
     try:
         try:
             wrapped = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            return _read_legacy(path, device)
+            return _read_legacy(path)
     except pickle.UnpicklingError as ex:
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
                               f"({_first_line(ex)}); loading it could run code") from None
@@ -158,13 +161,13 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     if hashlib.sha256(payload).hexdigest() != wrapped["sha256"]:
         raise CheckpointError(f"{path}: damaged checkpoint (SHA-256 mismatch)")
     try:
-        return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as ex:
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
                               f"({_first_line(ex)}); loading it could run code") from None
 
 
-def _read_legacy(path: Path, device) -> dict:
+def _read_legacy(path: Path) -> dict:
     """A checkpoint of growrun before FORMAT (no checksum; the numpy RNG state as an array):
     loaded weights_only with numpy's array-rebuilding types allowed, nothing else."""
     import numpy as np
@@ -172,14 +175,14 @@ def _read_legacy(path: Path, device) -> dict:
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not (isinstance(state, dict) and {"arch", "model", "trainer", "rng"} <= set(state)):
         raise CheckpointError(f"{path}: not a growrun checkpoint")
     log.warning("%s: a checkpoint of an older growrun (no checksum); resuming from it", path)
     return state
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, Path] | None:
+def load_checkpoint(path: Path) -> tuple[dict, Path] | None:
     """The newest usable checkpoint: `path`, or when it is missing, torn or damaged, the
     previous one (with a warning naming why). None when neither exists. A checkpoint refused as
     unsafe is an error, not a fallback."""
@@ -190,7 +193,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dic
                 problems.append(f"{path}: missing (the run stopped while replacing it)")
             continue
         try:
-            state = read_checkpoint(candidate, device)
+            state = read_checkpoint(candidate)
         except CheckpointError as ex:
             if "refused" in str(ex):
                 raise

@@ -125,12 +125,12 @@ class _Session:
     def __init__(self, cfg: DictConfig, run_dir: Path, dist):
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
         t = cfg.trainer
-        runtime.configure(t.threads, t.deterministic)
-        self.device = distributed.rank_device(runtime.resolve_device(cfg.device), dist)
+        self.device = dist.device
+        runtime.configure(t.threads, runtime.deterministic_mode(t.deterministic, self.device), t.tf32)
         distributed.check_batch(t.batch_size, dist)
         if t.precision == "bf16" and self.device.type != "cuda":
             raise GrowrunError(f"trainer.precision=bf16 needs a CUDA device; this run is on {self.device}")
-        loaded = load_checkpoint(run_dir / CHECKPOINT, self.device) if cfg.resume else None
+        loaded = load_checkpoint(run_dir / CHECKPOINT) if cfg.resume else None  # on the CPU
         ckpt = None
         if loaded is not None:
             ckpt, path = loaded
@@ -146,7 +146,7 @@ class _Session:
         _plan_epochs(cfg, self.data, steps)
         check_growth(cfg, self.data.num_classes, self.data.input_shape, steps)  # exact: the real data's sizes
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs)
-        growth = _make_growth(cfg, run_dir, self.model, steps, self.data)
+        growth = _make_growth(cfg, run_dir, self.model, steps, self.data, dist)
         self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth, dist)
         self.site_names = list(self.model.sites())
         self.metrics = CsvLog(run_dir / "metrics.csv", self._metric_columns())
@@ -155,10 +155,11 @@ class _Session:
         self.best = (float("nan"), 0)  # (best test accuracy, its epoch)
         self.last: dict = {}
         self.signals = StopSignals()
+        self.stopping: int | None = None  # the signal all ranks agreed to stop on
         self.saved_at = self.epoch_t0 = time.time()
         if ckpt:
             self.trainer.load_state_dict(ckpt["trainer"])
-            runtime.set_rng_state(ckpt["rng"])
+            runtime.set_rng_state(ckpt["rng"], self.device)
             self.total_seconds, self.growth_seconds = ckpt["total_seconds"], ckpt["growth_seconds"]
             self.best, self.last = tuple(ckpt["best"]), ckpt["last"]
             log.info("resumed %s from %s at epoch %d, step %d%s", run_dir, path.name, self.trainer.epoch,
@@ -184,6 +185,7 @@ class _Session:
                  count_params(self.model))
         with self.signals:
             while tr.epoch < cfg.trainer.epochs:
+                self._agree_stop()  # a signal during the last epoch's evaluation: every rank stops
                 self._stop_if_asked()
                 self._epoch()
         summary = {"status": "completed", "run_dir": str(self.run_dir), **self.progress_summary()}
@@ -222,37 +224,47 @@ class _Session:
                  row["train_loss"], 100 * row["train_acc"], _eval_text(row), seconds)
 
     def _after_step(self) -> None:
-        """After every optimizer step: stop when a signal asked to, checkpoint when due."""
+        """After every optimizer step: checkpoint when due, stop when a signal asked to. The
+        step count's checkpoints are known to every rank; a timed checkpoint (rank 0's clock)
+        and a stop (any rank's signal) are agreed on every dist.agree_every steps (every step
+        in one process), so that several ranks sync the host once per that many steps."""
         t, tr = self.cfg.trainer, self.trainer
-        due = (t.checkpoint_every and tr.step % t.checkpoint_every == 0) or \
-              (t.checkpoint_minutes and time.time() - self.saved_at >= 60 * t.checkpoint_minutes)
-        due, stop = self.dist.agree(bool(due), self.signals.received is not None)  # rank 0's clock, any signal
-        if stop and self.signals.received is None:  # another rank was signalled
-            self.signals.received = signal.SIGTERM
-        if t.checkpoint and (due or self.signals.received is not None):
+        due = bool(t.checkpoint_every and tr.step % t.checkpoint_every == 0)
+        if tr.step % self.dist.agree_every == 0:
+            due = self._agree_stop(bool(t.checkpoint_minutes and time.time() - self.saved_at >= 60 * t.checkpoint_minutes)) or due
+        if t.checkpoint and (due or self.stopping is not None):
             tr.partial.seconds = time.time() - self.epoch_t0
             self._save()
         self._stop_if_asked()
 
+    def _agree_stop(self, timed_due: bool = False) -> bool:
+        """One decision of all ranks: whether a timed checkpoint is due (rank 0's clock, returned)
+        and whether to stop (any rank's signal: `stopping` is set on every rank)."""
+        due, stop = self.dist.agree(timed_due, self.signals.received is not None)
+        if stop and self.stopping is None:
+            self.stopping = self.signals.received or signal.SIGTERM  # another rank's signal
+        return due
+
     def _stop_if_asked(self) -> None:
-        if self.signals.received is not None:
+        if self.stopping is not None:
             log.warning("stopped at epoch %d, step %d%s; continue with: growrun resume %s (a submitit job "
                         "preempted by SIGUSR2 is requeued and continues by itself)", self.trainer.epoch,
                         self.trainer.step, " (checkpoint written)" if self.cfg.trainer.checkpoint else "", self.run_dir)
-            raise Interrupted(self.signals.received)
+            raise Interrupted(self.stopping)
 
     def _save(self) -> None:
         """Checkpoint the run, unless it has diverged (then the last good checkpoint stays)."""
         self.trainer.check_finite()
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):  # one sync
             raise Diverged(f"training diverged: non-finite weights at step {self.trainer.step} (epoch "
                            f"{self.trainer.epoch + 1}); the last checkpoint before it is kept; lower optim.lr")
         self.saved_at = time.time()
+        trainer_state = self.trainer.state_dict()  # on every rank: growth's state gathers every rank's share
         if not self.dist.is_main:
             return
         save_checkpoint(self.run_dir / CHECKPOINT, {
-            "arch": self.model.arch(), "model": self.model.state_dict(), "trainer": self.trainer.state_dict(),
-            "rng": runtime.rng_state(), "total_seconds": self.total_seconds,
+            "arch": self.model.arch(), "model": self.model.state_dict(), "trainer": trainer_state,
+            "rng": runtime.rng_state(self.device), "total_seconds": self.total_seconds,
             "growth_seconds": self.growth_seconds, "best": list(self.best), "last": self.last,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         })
@@ -313,9 +325,9 @@ def planned_widths(cfg: DictConfig, num_classes: int, input_shape) -> tuple[dict
     return start, targets
 
 
-def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int, data):
+def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int, data, dist):
     if cfg.growth.method == "none":
         return None
     from growrun.growth.controller import GrowthController
 
-    return GrowthController(cfg, run_dir, model, steps_per_epoch, len(data.train.labels))
+    return GrowthController(cfg, run_dir, model, steps_per_epoch, len(data.train.labels), dist)

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import torch
 
+from growrun import devices
 from growrun.errors import GrowrunError
 
 
@@ -40,7 +41,18 @@ def memory_format(channels_last, device: torch.device) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def configure(threads: int, deterministic: bool) -> None:
+def deterministic_mode(setting, device: torch.device) -> bool:
+    """trainer.deterministic: true / false, or auto: true on the CPU (where it costs little and
+    a resumed run is the uninterrupted one bit for bit), false on CUDA (cuDNN's autotuner picks
+    the fastest kernels, which may differ from run to run; see README, GPU)."""
+    if setting == "auto":
+        return device.type != "cuda"
+    return bool(setting)
+
+
+def configure(threads: int, deterministic: bool, tf32: bool = False) -> None:
+    """Threads, denormals, determinism, and TF32 for training steps and evaluation
+    (growrun.devices: growth events never use TF32)."""
     if threads:
         torch.set_num_threads(threads)
     # Subnormal floats (tiny weights and gradients late in training, zero-variance channels
@@ -48,12 +60,13 @@ def configure(threads: int, deterministic: bool) -> None:
     torch.set_flush_denormal(True)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
         # Deterministic mode also fills every new tensor with NaN by default (~10% slower on
         # CPU here); results do not depend on uninitialised memory, so skip that.
         torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
+    devices.set_tf32(tf32)
 
 
 def seed_everything(seed: int) -> None:
@@ -62,22 +75,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """The global RNG states as tensors and plain containers (checkpoints load weights_only)."""
+def rng_state(device: torch.device) -> dict:
+    """The global RNG states as CPU tensors and plain containers (checkpoints load weights_only);
+    on CUDA, the generator of the run's own device only (a job resumed with fewer or other visible
+    GPUs restores it onto its device)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(_cuda_index(device)).cpu()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore rng_state(); its tensors may come from any device (they are moved to the CPU).
+    A CUDA state goes to `device` (a checkpoint of an older growrun holds a list, one per GPU
+    then visible: the entry of this device's index, when there is one)."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an array in older checkpoints
+    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else keys  # an array in older checkpoints
     np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    index = _cuda_index(device)
+    if isinstance(cuda, (list, tuple)):
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), index)
 
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()

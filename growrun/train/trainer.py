@@ -75,7 +75,7 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, scheduler, growth: GrowthHook | None = None,
                  dist: Single | None = None):
         self.cfg, self.model, self.data, self.device = cfg, model, data, device
-        self.dist = dist or Single()
+        self.dist = dist or Single(device)
         shard = (self.dist.rank, self.dist.world)
         self.optimizer, self.scheduler, self.growth = optimizer, scheduler, growth
         t = cfg.trainer
@@ -102,6 +102,7 @@ class Trainer:
         """Put the parameters in the configured memory format and (re)build the DDP wrapper
         (again after growth: the parameters changed; rank 0's are broadcast)."""
         self.model.to(memory_format=self.memory_format)
+        match_state_strides(self.optimizer)
         self.net = self.dist.wrap(self.model)
         self.flops_per_image = count_flops(self.model, self.data.input_shape)
 
@@ -209,6 +210,10 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.train_flops = state.get("train_flops", 0)  # absent in older checkpoints
         self.partial = EpochProgress(**state.get("partial", {}))  # absent in older checkpoints: at an epoch end
+        for key in ("loss_sum", "correct"):  # the checkpoint was loaded on the CPU
+            value = getattr(self.partial, key)
+            if value is not None:
+                setattr(self.partial, key, value.to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.growth is not None and state.get("growth") is not None:
@@ -216,3 +221,16 @@ class Trainer:
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+
+@torch.no_grad()
+def match_state_strides(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-entry optimizer state tensor (momentum, Adam's moments) its parameter's
+    memory layout. Growth rebuilds a grown parameter's state by concatenation, which comes back
+    contiguous, while the parameter is then put in channels_last: the optimizer's fused
+    (foreach) kernels need matching layouts and otherwise fall back to a slow per-tensor path."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
