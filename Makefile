@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(GROWRUN_DATA),$(HOME)/.cache/growrun-data)
 ARGS   ?=
 
-.PHONY: install test train bench growth-share table1 methods figures clean
+.PHONY: install test train bench gpu-check growth-share table1 methods figures clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_growth.py
 	$(BIN)/python scripts/bench_growth.py --samples 512
 	$(BIN)/python scripts/bench_memory_format.py
+
+# Prove a growrun run end to end on this machine's GPU: every growth method, bf16, kill + resume
+# (bit-identical), GPU vs CPU solves, throughput, DDP on 2+ GPUs (scripts/gpu_check.py). Without
+# CUDA the CPU parts run (a few minutes) and the CUDA parts say SKIP. Record: bench/gpu_check.json
+# (CUDA) or bench/gpu_check.cpu.local.json (CPU, git-ignored). ARGS='--quick', '--keep DIR', '--out PATH'.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py $(ARGS)
 
 # Growth's share of the wall time of `cifar10_tiny` (about 30 min per run on 2 CPU cores), with
 # the statistics pass and with statistics recorded during training (growth.stats=training), into

@@ -70,17 +70,36 @@ class Stopwatch:
         self._done += seconds
 
 
-def tf32_flags() -> tuple[bool, bool]:
-    """(matmul, cuDNN) TF32 allowed."""
+def _new_tf32_api() -> bool:
+    """torch >= 2.9 sets TF32 through fp32_precision ("tf32" | "ieee"); reading the older
+    allow_tf32 flags after anything used the new API raises, so only one API is ever used."""
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def tf32_flags() -> tuple:
+    """The current (matmul, cuDNN convolution) TF32 settings, as set_tf32_flags takes them back."""
+    if _new_tf32_api():
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
 
+def tf32_enabled() -> tuple[bool, bool]:
+    """(matmul, cuDNN convolution) TF32 on, as set by set_tf32."""
+    return tuple(v in (True, "tf32") for v in tf32_flags())
+
+
 def set_tf32(allowed: bool) -> None:
-    set_tf32_flags((allowed, allowed))
+    if _new_tf32_api():
+        set_tf32_flags(("tf32", "tf32") if allowed else ("ieee", "ieee"))
+    else:
+        set_tf32_flags((allowed, allowed))
 
 
-def set_tf32_flags(flags: tuple[bool, bool]) -> None:
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+def set_tf32_flags(flags: tuple) -> None:
+    if _new_tf32_api():
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = flags
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 @contextmanager

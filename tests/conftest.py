@@ -50,11 +50,13 @@ def _torch_state() -> dict:
     import numpy as np
     import torch
 
+    from growrun import devices
+
     return {"threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "fill": torch.utils.deterministic.fill_uninitialized_memory,
             "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
-            "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+            "tf32": devices.tf32_flags(),
             "flush_denormal": (torch.tensor([1e-39]) * 0.5).item() == 0.0,  # set_flush_denormal has no getter
             "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
 
@@ -63,12 +65,14 @@ def _restore_torch(s: dict) -> None:
     import numpy as np
     import torch
 
+    from growrun import devices
+
     if torch.get_num_threads() != s["threads"]:
         torch.set_num_threads(s["threads"])
     torch.use_deterministic_algorithms(s["deterministic"], warn_only=s["warn_only"])
     torch.utils.deterministic.fill_uninitialized_memory = s["fill"]
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = s["cudnn"]
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = s["tf32"]
+    devices.set_tf32_flags(s["tf32"])
     torch.set_flush_denormal(s["flush_denormal"])
     random.setstate(s["rng"][0])
     np.random.set_state(s["rng"][1])

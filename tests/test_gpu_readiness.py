@@ -187,15 +187,15 @@ def test_growth_events_run_without_tf32_while_training_may_use_it(tmp_path, monk
     real_accumulate = stats_training._TrainingRecorder.accumulate
 
     def stats_spy(*a, **k):
-        seen["stats"].add(devices.tf32_flags())
+        seen["stats"].add(devices.tf32_enabled())
         return real_stats(*a, **k)
 
     def search_spy(*a, **k):
-        seen["search"].add(devices.tf32_flags())
+        seen["search"].add(devices.tf32_enabled())
         return real_search(*a, **k)
 
     def accumulate_spy(self, *a, **k):
-        seen["window"].add(devices.tf32_flags())
+        seen["window"].add(devices.tf32_enabled())
         return real_accumulate(self, *a, **k)
 
     monkeypatch.setattr(controller_module, "collect_statistics", stats_spy)
@@ -204,7 +204,7 @@ def test_growth_events_run_without_tf32_while_training_may_use_it(tmp_path, monk
     real_step = torch.optim.SGD.step
 
     def step_spy(self, *a, **k):
-        seen["train"].add(devices.tf32_flags())
+        seen["train"].add(devices.tf32_enabled())
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.SGD, "step", step_spy)
