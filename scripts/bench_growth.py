@@ -15,7 +15,7 @@ Model: ResNet18 for CIFAR (3x3 stem, no max-pool), residual stream at full width
 Reported:
   (a) plain forward + backward (loss.backward(), parameter gradients) over the n samples;
   (b) the statistics pass (growrun.growth.stats.collect_statistics) over the same samples;
-  (c) the solve: propose(site, stats, "tiny", count) for every site, and c_over_b = (c) / (b);
+  (c) the solve: TINY's propose(site, stats, count) for every site, and c_over_b = (c) / (b);
   (d) the covariance products' FLOPs (counted from the shapes: S1 upper panels, S2 upper
       panels, M1, M2, P per fold) divided by (b), against torch's own fp32 matmul rate on this
       machine measured on products of exactly the same shapes (addmm of random matrices);
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growrun.growth.neurons import propose
+from growrun.config.schema import GrowthConfig
+from growrun.growth import methods
 from growrun.growth.solve import psolve_info
 from growrun.growth.site import Site
 from growrun.growth.stats import panel_size, collect_statistics
@@ -201,10 +202,13 @@ def main(argv=None) -> int:
     print(f"(b) statistics pass: {t_stats:.2f} s; statistics hold {stats_bytes / 2**20:.0f} MiB", flush=True)
 
     # (c) the solve
+    from omegaconf import OmegaConf
+
+    tiny = methods.create(OmegaConf.structured(GrowthConfig(method="tiny")))
     per_site, t = {}, time.perf_counter()
     for s in sites:
         t0 = time.perf_counter()
-        prop = propose(s, stats[s.name], "tiny", args.count)
+        prop = tiny.propose(s, stats[s.name], args.count, methods.EventContext())
         per_site[s.name] = dict(seconds=time.perf_counter() - t0, neurons=prop.count, psi=prop.psi,
                                 d_w=prop.d_w, gain=prop.bottleneck_gain, first_order=prop.first_order)
     t_solve = time.perf_counter() - t

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from growrun.data.loader import BatchLoader
-from growrun.growth import policy
+from growrun.growth import methods, policy
 from growrun.growth.draws import draw_samples
-from growrun.growth.neurons import propose
 from growrun.growth.site import Neurons, frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import candidate, new_channel_moments
@@ -85,6 +85,7 @@ def main() -> None:
     if args.rel_eps is not None:
         cfg.growth.rel_eps = args.rel_eps
     g, method = cfg.growth, args.method or cfg.growth.method
+    grower = methods.create(OmegaConf.merge(g, {"method": method}))  # methods measuring on batches: not here
     norm = BatchLoader(data.train, 1, mean=data.mean, std=data.std, shuffle=False, augment=False,
                        drop_last=False, seed=0)
     gen = torch.Generator().manual_seed(12345)
@@ -102,8 +103,7 @@ def main() -> None:
         for name, site in sites.items():
             k = args.count or max(1, policy.neuron_count(g, site.width, start.get(name, site.width), targets[name],
                                                          count_params(model), site.params_per_neuron()))
-            prop = propose(site, stats[name], method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
-                           rel_eps=g.rel_eps, generator=gen)
+            prop = grower.propose(site, stats[name], k, methods.EventContext(generator=gen))
             if prop.neurons.count == 0 or not prop.first_order < 0:
                 continue
             mean, var = new_channel_moments(model, site, prop.neurons, [x for x, _ in stats_batches]) \

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from growrun.data.loader import BatchLoader
-from growrun.growth import policy
+from growrun.growth import methods, policy
 from growrun.growth.draws import draw_samples
 from growrun.growth.linesearch import line_search
-from growrun.growth.neurons import propose
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.stats_training import TrainingStats
@@ -66,6 +66,7 @@ def main() -> None:
     args = p.parse_args()
     ckpt, cfg, data, model = load_run(args.run_dir)
     g, t = cfg.growth, cfg.trainer
+    tiny = methods.create(OmegaConf.merge(g, {"method": "tiny"}))
     samples = args.samples or g.samples
     opt = build_optimizer(model, cfg.optim)
     opt.load_state_dict(ckpt["trainer"]["optimizer"])
@@ -101,7 +102,7 @@ def main() -> None:
                                            count_params(model), site.params_per_neuron()))
         row = result["sites"][name] = {"count": count}
         for variant, st in stats.items():
-            prop = propose(site, st[name], "tiny", count, rel_eps=g.rel_eps)
+            prop = tiny.propose(site, st[name], count, methods.EventContext())
             moments = new_channel_moments(model, site, prop.neurons, [held_x]) \
                 if site.bn is not None and prop.count else None
             found = line_search(model, site, prop.neurons, moments, prop.first_order, (held_x, held_y), mean_loss,

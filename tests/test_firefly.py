@@ -15,7 +15,8 @@ import torch
 
 from growrun.growth import firefly
 from growrun.growth.linesearch import at_gamma
-from growrun.growth.neurons import METHODS, propose
+from growrun.growth.methods import REGISTRY as METHODS
+from proposing import propose
 from growrun.growth.site import Neurons
 from growrun.growth.surgery import new_channel_moments
 from test_growth_neurons import mean_loss, widen
@@ -93,7 +94,7 @@ def test_measured_loss_change_matches_the_first_order_prediction(case):
     identity): measured on explicitly widened layers, the relative error shrinks like gamma^2."""
     net, batches = setup(**case)
     prop = propose(net.site(), stats_of(net, batches), "firefly", 3,
-                   firefly=firefly.proposer(net, batches, sum_ce, n_candidates=8, steps=12, lr=3e-3,
+                   hook=firefly.proposer(net, batches, sum_ce, n_candidates=8, steps=12, lr=3e-3,
                                             generator=torch.Generator().manual_seed(2)))
     assert prop.count == 3 and prop.first_order < 0
     assert prop.first_order == pytest.approx(float(prop.per_neuron.sum()), rel=1e-12)
@@ -112,7 +113,7 @@ def test_line_search_hooks_measure_the_same_change():
     net, batches = setup(True, bn=True)
     site = net.site()
     prop = propose(site, stats_of(net, batches), "firefly", 2,
-                   firefly=firefly.proposer(net, batches, sum_ce, n_candidates=5, steps=8, lr=3e-3,
+                   hook=firefly.proposer(net, batches, sum_ce, n_candidates=5, steps=8, lr=3e-3,
                                             generator=torch.Generator().manual_seed(3)))
     moments = new_channel_moments(net, site, prop.neurons, [x for x, _ in batches])
     x = torch.cat([b[0] for b in batches])
@@ -208,7 +209,7 @@ def test_proposal_shapes_counts_and_no_hook():
     net, batches = setup(True, bn=True, m=5)
     site, st = net.site(), stats_of(net, batches)
     hook = firefly.proposer(net, batches, sum_ce, n_candidates=4, steps=2, generator=torch.Generator().manual_seed(0))
-    prop = propose(site, st, "firefly", 6, firefly=hook)  # more requested than candidates: C = count
+    prop = propose(site, st, "firefly", 6, hook=hook)  # more requested than candidates: C = count
     nz = prop.neurons
     assert prop.count == 6 and nz.w1.shape == (6, *net.l1.weight.shape[1:]) and nz.w2.shape == (5, 6, 3, 3)
     assert not nz.b1.any() and prop.per_neuron.shape == (6,) and prop.lambdas.numel() == 0
@@ -217,7 +218,7 @@ def test_proposal_shapes_counts_and_no_hook():
     assert not off.any()  # fan-out at the centre tap
     assert prop.take(2).first_order == pytest.approx(float(prop.per_neuron[:2].sum()))
     assert bool((prop.per_neuron[:-1] <= prop.per_neuron[1:]).all())  # best (most negative) first
-    assert propose(site, st, "firefly", 0, firefly=hook).count == 0
+    assert propose(site, st, "firefly", 0, hook=hook).count == 0
     with pytest.raises(ValueError, match="firefly"):
         propose(site, st, "firefly", 2)
     assert "firefly" in METHODS
@@ -229,7 +230,7 @@ GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "
         "model.width=0.125", "model.start_fraction=0.015625", "growth=firefly", "growth.target_fraction=0.0625",
         "growth.steps=2", "growth.dt=0.5", "growth.samples=128", "growth.stats_batch_size=64",
         "growth.line_search.batch_size=64", "trainer.batch_size=64", "trainer.epochs=3", "trainer.threads=1",
-        "trainer.progress=off", "dataset.augment=true", "growth.firefly_steps=6", "growth.firefly_candidates=12"]
+        "trainer.progress=off", "dataset.augment=true", "growth.firefly.steps=6", "growth.firefly.candidates=12"]
 
 
 def test_firefly_trains_end_to_end(tmp_path):
@@ -254,7 +255,7 @@ def test_firefly_trains_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("bad, key", [("growth.stats=training", "growth.stats=training"),
                                       ("growth.apply_dw=true", "growth.apply_dw=true"),
-                                      ("growth.firefly_lr=0", "growth.firefly_lr")])
+                                      ("growth.firefly.lr=0", "growth.firefly.lr")])
 def test_refused_up_front(tmp_path, capsys, bad, key):
     assert cli("train", *GROW, bad, f"hydra.run.dir={tmp_path / 'run'}") == 2
     lines = capsys.readouterr().err.strip().splitlines()

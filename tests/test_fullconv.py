@@ -16,7 +16,8 @@ from torch import nn
 from growrun.config.validate import validate
 from growrun.errors import GrowrunError
 from growrun.growth import fullconv
-from growrun.growth.neurons import propose, to_neurons
+from growrun.growth.neurons import to_neurons
+from proposing import propose
 from growrun.growth.site import Site
 from growrun.growth.solve import tiny_solve
 from growrun.growth.stats import collect_statistics

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from growrun.growth import firefly, splitting
-from growrun.growth.neurons import METHODS, propose
+from growrun.errors import GrowrunError
+from growrun.growth.methods import REGISTRY as METHODS
+from proposing import propose
 from growrun.growth.site import Neurons
 from growrun.growth.stats import collect_statistics
 from growrun.models.layers import Conv2d
@@ -80,11 +82,11 @@ def model_inputs(method, net, batches, loss_fn=sum_ce):
     """propose's extra arguments: firefly trains candidates on the model and batches (test_firefly.py),
     splitting measures its splitting matrices on them (test_splitting.py)."""
     if method == "splitting":
-        return {"splitting": splitting.proposer(net, batches, loss_fn, generator=torch.Generator().manual_seed(1))}
+        return {"hook": splitting.proposer(net, batches, loss_fn, generator=torch.Generator().manual_seed(1))}
     if method != "firefly":
         return {}
-    return {"firefly": firefly.proposer(net, batches, loss_fn, n_candidates=5, steps=3,
-                                        generator=torch.Generator().manual_seed(1))}
+    return {"hook": firefly.proposer(net, batches, loss_fn, n_candidates=5, steps=3,
+                                     generator=torch.Generator().manual_seed(1))}
 
 
 def setup(conv, *, act="relu", width=3, n=3, seed=0, **kw):
@@ -143,7 +145,7 @@ def test_stale_statistics_rejected_and_full_fanout_needs_its_statistics():
     with pytest.raises(ValueError, match="conv_fanout='full': not with method='gradmax'"):
         propose(cnet.site(), cst, "gradmax", 1, conv_fanout="full")
     assert collect_statistics(cnet, [cnet.site()], [], sum_ce, conv_fanout="full")["s"].full is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(GrowrunError, match="growth.method=bogus: not a growth method; choose one of none, tiny"):
         propose(net.site(), st, "bogus", 1)
 
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from growrun.growth.neurons import propose
+from proposing import propose
 from growrun.growth.scale import existing_norms, neuron_norms, normalized, rebalance, rebalance_factors, reference_norms
 from growrun.growth.site import Neurons, frozen_bn_stats
 from growrun.growth.surgery import insert_neurons, new_channel_moments

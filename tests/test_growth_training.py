@@ -15,7 +15,7 @@ from torch import nn
 from growrun.config import store  # noqa: F401
 from growrun.growth import policy
 from growrun.growth.linesearch import line_search
-from growrun.growth.neurons import propose
+from proposing import propose
 from growrun.growth.site import Neurons, Site
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import candidate, insert_neurons

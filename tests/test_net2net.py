@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from growrun.growth.neurons import METHODS, net2net_copies, net2net_sources, propose
+from growrun.growth.methods import REGISTRY as METHODS
+from growrun.growth.methods.net2net import net2net_copies, net2net_sources
+from proposing import propose
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import insert_copies
@@ -72,7 +74,7 @@ def test_insertion_preserves_the_function_exactly(arch, name, mode, count, noise
     W2 = site.l2.weight.detach().clone()
     bn = {k: v.detach().clone() for k, v in (("weight", site.bn.weight), ("bias", site.bn.bias),
                                              ("mean", site.bn.running_mean), ("var", site.bn.running_var))}
-    proposal = net2net_proposal(model, site, x, y, count, net2net_noise=noise)
+    proposal = net2net_proposal(model, site, x, y, count, noise=noise)
     assert proposal.count == count and proposal.first_order == 0.0 and proposal.copy_of.shape == (count,)
     optimizer = build_optimizer(model, _optim_cfg())
     with frozen_bn_stats(model):
@@ -118,8 +120,8 @@ def test_copies_are_made_from_the_weights_at_insertion():
     stays the same after both insertions."""
     model, x, y = make(MLP)
     sites = model.sites()
-    p1 = net2net_proposal(model, sites["fc1"], x, y, 3, net2net_noise=0.2)
-    p2 = net2net_proposal(model, sites["fc2"], x, y, 2, net2net_noise=0.2)
+    p1 = net2net_proposal(model, sites["fc1"], x, y, 3, noise=0.2)
+    p2 = net2net_proposal(model, sites["fc2"], x, y, 2, noise=0.2)
     with frozen_bn_stats(model):
         before = model(x)
     insert(sites["fc1"], p1)
@@ -186,7 +188,7 @@ MLP_RUN = ["model=mlp", "model.hidden=[16,16]", "dataset.image_size=8", "model.s
 
 
 @pytest.mark.parametrize("model, extra", [(RESNET_RUN, []),
-                                          (MLP_RUN, ["growth.net2net_pick=largest", "growth.net2net_noise=0.1"])],
+                                          (MLP_RUN, ["growth.net2net.pick=largest", "growth.net2net.noise=0.1"])],
                          ids=["resnet18", "mlp-sites_all-largest-noise"])
 def test_net2net_trains_end_to_end(tmp_path, model, extra):
     """Every insertion keeps the loss on the held batch (BatchNorm in training mode), gamma = 1,

@@ -105,7 +105,7 @@ def test_table1_sweeps_plan_the_documented_runs(scale, classes, images, final, e
 def test_methods_sweep_plans_the_documented_runs(scale, classes, images, final):
     """`make methods`: every growth method x start 1/64 of the final widths x dt 0.25 x seeds 0, 1
     on table1_<scale>, the reference, one report (the commands `make -n` prints)."""
-    from growrun.growth.neurons import METHODS
+    from growrun.growth.methods import REGISTRY as METHODS
 
     out = subprocess.run(["make", "-n", "methods", f"SCALE={scale}"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.splitlines()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from growrun.config.schema import GrowthConfig
-from growrun.growth.neurons import propose
+from proposing import propose
 from growrun.growth.solve_device import CHOICES, faster, moved, solve_device
 from growrun.growth.stats import SiteStats
 from test_growth_stats import SiteNet, data, one_thread, stats_of  # noqa: F401

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growrun.growth import splitting
-from growrun.growth.neurons import METHODS
+from growrun.growth.methods import REGISTRY as METHODS
 from growrun.growth.site import Neurons, Site, frozen_bn_stats
 from test_growth_matrix import cli, read_csv, restore_torch_threads  # noqa: F401 (the CLI helper and the autouse fixture)
 from test_net2net import BASE as N2N_BASE, MLP, MLP_RUN, RESNET, RESNET_RUN, make

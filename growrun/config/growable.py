@@ -60,7 +60,7 @@ def _blocker(cfg: DictConfig, arch: dict, steps_per_epoch: int | None) -> str | 
     """policy.growth_blocker on the starting model `arch` of cfg (steps_per_epoch None: unknown)."""
     import torch
 
-    from growrun.growth import policy
+    from growrun.growth import methods, policy
     from growrun.models import build_model, count_params, full_site_widths
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
@@ -70,7 +70,9 @@ def _blocker(cfg: DictConfig, arch: dict, steps_per_epoch: int | None) -> str | 
     targets = policy.target_widths(cfg.growth, list(start), full_site_widths(arch, cfg.model), list(start.values()))
     per_neuron = {n: s.params_per_neuron() for n, s in sites.items()}
     epochs = _epochs(cfg, start, targets, steps_per_epoch)
-    return policy.growth_blocker(cfg.growth, epochs, steps_per_epoch, start, targets, count_params(model), per_neuron)
+    splits = methods.load(cfg.growth.method).splits
+    return policy.growth_blocker(cfg.growth, epochs, steps_per_epoch, start, targets, count_params(model), per_neuron,
+                                 splits)
 
 
 def _epochs(cfg: DictConfig, start: dict, targets: dict, steps_per_epoch: int | None) -> int:

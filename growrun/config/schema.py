@@ -9,17 +9,13 @@ Each group mirrors a code module:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Dict, List, Optional
+
+from growrun.fields import bounded, choices
+from growrun.growth.methods import BUILTIN
 
 
-def choices(default, *allowed, help: str = ""):
-    return field(default=default, metadata={"choices": allowed, "help": help})
-
-
-def bounded(default, lo=None, hi=None, *, lo_open=False, hi_open=False, help: str = ""):
-    """A number in [lo, hi] (open ends where asked); None means unbounded on that side."""
-    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open), "help": help})
 
 
 @dataclass
@@ -85,9 +81,11 @@ class LineSearchConfig:
 
 
 @dataclass
-class GrowthConfig:
-    method: str = choices("none", "none", "tiny", "tiny_noproj", "gradmax", "random", "zero", "net2net", "firefly",
-                          "splitting")
+class _SharedGrowthConfig:
+    """The options every method shares; GrowthConfig adds each method's own node (below)."""
+    # none | a registered method (growrun/growth/methods/: tiny, tiny_noproj, gradmax, random, zero,
+    # net2net, firefly, splitting) | module:Class, a GrowthMethod of your own; checked by validate
+    method: str = "none"
     # when: every dt epochs (fractions allowed) from first_epoch until last_epoch (None: open)
     dt: float = bounded(1.0, 0.0, lo_open=True)
     first_epoch: float = bounded(1.0, 0.0)
@@ -132,27 +130,24 @@ class GrowthConfig:
     # gradmax_scale x theirs, instead of the searched amplitude: no line search)
     normalize: str = choices("fan_in", "fan_in", "none", "fan_out", "mean_norm")
     gradmax_scale: float = bounded(0.5, 0.0, lo_open=True)  # fan-out norm / mean existing norm (gradmax, mean_norm)
-    net2net_pick: str = choices("random", "random", "largest")  # neurons net2net copies (largest: fan-out norm)
-    net2net_noise: float = bounded(0.0, 0.0)  # net2net: fan-out noise, relative (the function is kept)
-    # firefly (growth/firefly.py; defaults from the authors' code, github.com/klightz/Firefly):
-    # candidates per site (at least the neurons requested), RMSprop steps on them, one statistics
-    # batch each (None: one pass over the statistics batches, as the reference makes one pass over
-    # its growth data), their learning rate, the candidates' fan-out scale eps (U(-eps, eps))
-    firefly_candidates: int = bounded(70, 1)
-    firefly_steps: Optional[int] = bounded(None, 0)
-    firefly_lr: float = bounded(1e-3, 0.0, lo_open=True)
-    firefly_eps: float = bounded(1e-2, 0.0, lo_open=True)
-    # splitting (growth/splitting.py): ReLU's sigma'' estimated by a Gaussian kernel of width
-    # splitting_bandwidth x the neuron's std of z; at most splitting_patches (sample, position)
-    # pairs kept (uniform, reweighted); Lanczos steps per restart cycle (input dims above 160)
-    splitting_bandwidth: float = bounded(0.25, 0.0, lo_open=True)
-    splitting_patches: int = bounded(4096, 1)
-    splitting_iters: int = bounded(32, 2)
     noise_sigmas: float = bounded(2.0, 0.0)  # adaptive: keep lambda_k^2 above this many noise SDs
     rel_eps: float = bounded(1e-7, 0.0, 1.0, lo_open=True)  # relative eigenvalue threshold
     # where the float64 solves run: auto (CPU models: the CPU; CUDA: the faster of GPU and CPU at a
     # float64 matmul, timed once per process) | model (its device; MPS: CPU) | cpu; growth/solve_device.py
     solve_device: str = choices("auto", "auto", "model", "cpu")
+    # growth.method=module:Class: that method's options, checked against its Options dataclass
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+# Each registered method with options has its node growth.<name> (e.g. growth.firefly.lr),
+# the fields of its Options dataclass (growrun/growth/methods/<name>.py).
+GrowthConfig = make_dataclass(
+    "GrowthConfig", [(m.name, m.Options, field(default_factory=m.Options)) for m in BUILTIN if m.Options is not None],
+    bases=(_SharedGrowthConfig,))
+GrowthConfig.__module__ = __name__
+GrowthConfig.__doc__ = "growth.*: the shared options and one node per method with options of its own."
+
+
 
 
 @dataclass

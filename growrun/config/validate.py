@@ -13,6 +13,28 @@ from omegaconf import DictConfig, OmegaConf
 
 from growrun.config.schema import TrainConfig
 from growrun.errors import GrowrunError
+from growrun.growth import methods
+from growrun.growth.methods import NONE
+
+# growrun's flat method keys before each method's options moved into its node growth.<method>
+# (growrun/growth/methods/): an override of an old key is told the new one, and a checkpoint's
+# config with old keys is read with the new ones (upgrade_config)
+RENAMED = {f"growth.{m.name}_{f}": f"growth.{m.name}.{f}" for m in methods.BUILTIN if m.Options is not None
+           for f in m.Options.__dataclass_fields__}
+
+
+def upgrade_config(config: dict) -> dict:
+    """A run's stored config (a plain dict) with RENAMED keys under their new names."""
+    growth = config.get("growth")
+    if not isinstance(growth, dict) or not any(old.split(".", 1)[1] in growth for old in RENAMED):
+        return config
+    growth = dict(growth)
+    for old, new in RENAMED.items():
+        key = old.split(".", 1)[1]
+        if key in growth:
+            method, field_name = new.split(".")[1:]
+            growth[method] = {**growth.get(method, {}), field_name: growth.pop(key)}
+    return {**config, "growth": growth}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -21,61 +43,39 @@ def validate(cfg: DictConfig) -> None:
     _check_keys(TrainConfig, cfg, "")
     _check(TrainConfig, cfg, "")
     g = cfg.growth
-    if g.extra_epochs is not None and (g.method == "none" or g.neurons != "to_target"):
+    if g.extra_epochs is not None and (g.method == NONE or g.neurons != "to_target"):
         raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: needs a growth method with growth.neurons=to_target "
                            f"(here method={g.method}, neurons={g.neurons}); otherwise set trainer.epochs")
     if g.extra_epochs is not None and g.when != "schedule":
         raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: plans the run length from the growth schedule, "
                            f"which growth.when={g.when} may skip; use growth.when=schedule or set trainer.epochs")
-    if g.apply_dw and g.method in ("gradmax", "zero", "net2net", "firefly"):
-        raise GrowrunError(f"growth.apply_dw=true: not with growth.method={g.method}, which inserts without a line "
-                           f"search ({'as trained' if g.method == 'firefly' else 'function preserving'}), so dW2* "
-                           f"would get no amplitude; use growth.apply_dw=false or growth.method=tiny|tiny_noproj|random")
-    if (g.normalize in ("fan_out", "mean_norm") and g.method in ("net2net", "zero")) or \
-            (g.normalize == "fan_out" and g.method == "gradmax"):
-        _refuse_normalize(g)
+    if g.method != NONE:
+        _check_method(cfg)
     if g.normalize == "mean_norm" and g.apply_dw:
         raise GrowrunError("growth.apply_dw=true: not with growth.normalize=mean_norm, which inserts without a line "
                            "search (the layers' scale is the amplitude), so dW2* would get no amplitude; use "
                            "growth.apply_dw=false or growth.normalize=fan_in|fan_out|none")
-    if g.method == "splitting" and (g.apply_dw or g.stats == "training" or g.normalize in ("fan_out", "mean_norm")):
-        _refuse_splitting(g)
-    if g.method == "firefly" and g.stats == "training":
-        raise GrowrunError("growth.stats=training: not with growth.method=firefly, which trains its candidates on "
-                           "the statistics batches of a pass; use growth.stats=pass")
-    if g.conv_fanout == "full" and g.method != "none" and cfg.model.name != "mlp":  # conv sites: fullconv.py
-        if g.method not in ("tiny", "tiny_noproj"):
-            raise GrowrunError(f"growth.conv_fanout=full: not with growth.method={g.method} (it uses the centre tap); "
-                               f"use growth.method=tiny|tiny_noproj or growth.conv_fanout=center")
-        if g.stats == "training":
-            raise GrowrunError("growth.conv_fanout=full: not with growth.stats=training (the training steps record "
-                               "the centre-tap sums only); use growth.stats=pass or growth.conv_fanout=center")
-        if g.neurons == "adaptive":
-            raise GrowrunError("growth.conv_fanout=full: not with growth.neurons=adaptive (its per-fold noise "
-                               "estimate is centre-tap only); use growth.neurons=to_target|fixed or "
-                               "growth.conv_fanout=center")
 
 
-def _refuse_normalize(g: Any) -> None:
-    """growth.normalize=fan_out|mean_norm with a method whose new neurons it cannot scale."""
-    why = {"net2net": "whose copies are never rebalanced (they keep their originals' fan-ins and BatchNorm channels)",
-           "zero": "whose new fan-outs are 0 (nothing to scale)",
-           "gradmax": "whose fan-outs are set by growth.gradmax_scale (its zero fan-ins leave nothing to rebalance)"}
-    allowed = "fan_in|none" + ("|mean_norm" if g.method == "gradmax" else "")
-    raise GrowrunError(f"growth.normalize={g.normalize}: not with growth.method={g.method}, {why[g.method]}; "
-                       f"use growth.normalize={allowed}")
-
-
-def _refuse_splitting(g: Any) -> None:
-    """growth.method=splitting with an option it cannot honour (one line naming the value)."""
-    if g.apply_dw:
-        raise GrowrunError("growth.apply_dw=true: not with growth.method=splitting, whose split already changes the "
-                           "existing neurons' fan-outs (dW2* is for the unsplit layer); use growth.apply_dw=false")
-    if g.stats == "training":
-        raise GrowrunError("growth.stats=training: not with growth.method=splitting, which measures its splitting "
-                           "matrices on the statistics batches of a pass; use growth.stats=pass")
-    raise GrowrunError(f"growth.normalize={g.normalize}: not with growth.method=splitting, whose split neurons keep "
-                       f"their fan-in and BatchNorm channel (never rebalanced); use growth.normalize=fan_in|none")
+def _check_method(cfg: DictConfig) -> None:
+    """growth.method names a registered method or module:Class, and the method can honour the
+    other options (its `refuse`, from the registry: growrun/growth/methods/)."""
+    g = cfg.growth
+    cls = methods.load(g.method)
+    if g.options and not methods.is_external(g.method):
+        raise GrowrunError(f"growth.options: only for growth.method=module:Class; the options of growth.method="
+                           f"{g.method} are growth.{g.method}.*")
+    options = methods.options_of(cls, g)
+    if methods.is_external(g.method) and options is not None:
+        _check(cls.Options, options, "growth.options.")
+    conv_model = cfg.model.name != "mlp"
+    message = cls(g, options).refuse(g, conv_model)
+    if message:
+        raise GrowrunError(message)
+    if g.conv_fanout == "full" and conv_model and not cls.full_fanout:
+        full = "|".join(m.name for m in methods.BUILTIN if m.full_fanout)
+        raise GrowrunError(f"growth.conv_fanout=full: not with growth.method={g.method} (it uses the centre tap); "
+                           f"use growth.method={full} or growth.conv_fanout=center")
 
 
 def _check(schema: type, node: Any, prefix: str) -> None:
@@ -100,6 +100,8 @@ def _check(schema: type, node: Any, prefix: str) -> None:
 def unknown_key_message(key: str) -> str:
     """The one-line error for a key the schema does not declare, with the closest key of the
     same group when there is one."""
+    if key in RENAMED:
+        return f"{key}: renamed to {RENAMED[key]} (each method's options are in its node growth.<method>)"
     parent, _, name = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in schema_keys() if k.rpartition(".")[0] == parent]
     close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)

@@ -46,6 +46,7 @@ in training mode (the mode training continues in) without touching BatchNorm run
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -56,33 +57,32 @@ import torch.nn.functional as F
 
 from growrun import devices, faults
 from growrun.data.loader import derive_seed
-from growrun.growth import firefly, policy, splitting
+from growrun.growth import methods, policy
 from growrun.growth.adaptive import adaptive_count
 from growrun.growth.growth_log import COLUMNS, cut_reason, score, skipped_rows, unusable_stats, zeroed
 from growrun.growth.draws import advance, draw_samples, global_mean_loss, log_draw_sizes, measure, split_at
 from growrun.growth.linesearch import SearchResult, at_gamma, line_search
-from growrun.growth.neurons import Proposal, net2net_copies, propose
-from growrun.growth.scale import existing_norms, neuron_norms, normalized, rebalance, rebalance_factors
+from growrun.growth.methods import EventContext
+from growrun.growth.neurons import Proposal
+from growrun.growth.scale import existing_norms, neuron_norms, normalized
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.solve_device import solve_device as pick_solve_device
 from growrun.growth import stats_training
 from growrun.growth.stats import collect_statistics
-from growrun.growth.surgery import (apply_weight_update, fit_to_site, insert_copies, insert_neurons,
-                                   new_channel_moments, weight_update_fn)
+from growrun.growth.surgery import fit_to_site, new_channel_moments, weight_update_fn
 from growrun.models import count_flops, count_params, full_site_widths
 from growrun.train.distributed import Single
 from growrun.train.outputs import CsvLog
 
 log = logging.getLogger("growrun")
 _GROWTH_STREAM = 0x67726F77
-FUNCTION_PRESERVING = ("gradmax", "zero", "net2net")
-AS_TRAINED = ("firefly",)  # inserted as proposed (gamma = 1) without a line search, the function changes
 
 
 class GrowthController:
     def __init__(self, cfg, run_dir: Path, model, steps_per_epoch: int, n_train: int, dist: Single | None = None):
         self.cfg, self.g, self.steps_per_epoch = cfg, cfg.growth, steps_per_epoch
         self.dist = dist or Single()
+        self.method = methods.create(self.g)  # growrun/growth/methods/: which neurons, how they go in
         self._solve_on: str | None = None  # growth.solve_device resolved on rank 0 ("cpu" | "model")
         self.schedule = set(policy.growth_steps(self.g, steps_per_epoch, cfg.trainer.epochs))
         sites = model.sites()
@@ -93,7 +93,7 @@ class GrowthController:
         self.event, self.turn = 0, 0
         self.flops = 0  # growth compute so far (see the module doc)
         self.model = model  # grown in place: the same object for the whole run
-        self._event: dict | None = None  # the current event's model and statistics batches (growth=firefly)
+        self._event: EventContext | None = None  # what the methods get at the current event
         self.log = CsvLog(run_dir / "growth.csv", COLUMNS)
         self.writes = True  # start_log(write=False) on ranks other than 0
         self.training_stats = self.g.stats == "training"
@@ -209,8 +209,9 @@ class GrowthController:
             dist.sum_(site_stats.tensors())
         stats_seconds = (self._clock() - t0 + window_seconds) / max(1, len(grow_now))
         faults.reach("stats")
-        self._event = {"model": model, "batches": stats_batches, "dist": dist, "shape": trainer.data.input_shape,
-                       "n_stats": n_stats}  # what growth=firefly / splitting use (_hook)
+        self._event = EventContext(model=model, batches=stats_batches, loss_fn=self._loss_fn("sum"),
+                                   reduce=dist.sum_ if dist.active else None, input_shape=trainer.data.input_shape,
+                                   n_stats=n_stats, add_flops=self._add_flops)
         proposals, trails, solve_seconds = {}, {}, {}
         for name in grow_now:
             t0 = self._clock()
@@ -290,7 +291,7 @@ class GrowthController:
         g = self.g
         k = policy.requested_count(g, site.width, self.start[site.name], self.targets[site.name])
         trail = [("", k)]
-        unusable = unusable_stats(stats, g.method)
+        unusable = unusable_stats(stats, self.method.fits_gradient)
         if unusable:
             log.warning("growth %d: site %s not grown, its statistics are %s", self.event + 1, site.name,
                         "not finite" if unusable == "nonfinite" else "degenerate (zero gradient)")
@@ -298,14 +299,11 @@ class GrowthController:
             trail.append((unusable, 0))
         solve_on = self._solve_device(stats.S1.device)
         if g.neurons == "adaptive" and k:
-            k = adaptive_count(stats, projection=g.method != "tiny_noproj", noise_sigmas=g.noise_sigmas,
+            k = adaptive_count(stats, projection=self.method.projection, noise_sigmas=g.noise_sigmas,
                                max_count=k, rel_eps=g.rel_eps, device=pick_solve_device(stats.S1.device, solve_on))
             trail.append(("adaptive", k))
-        proposal = propose(site, stats, g.method, k, conv_fanout=g.conv_fanout, gradmax_scale=g.gradmax_scale,
-                           rel_eps=g.rel_eps, generator=gen, net2net_pick=g.net2net_pick, net2net_noise=g.net2net_noise,
-                           solve_device=solve_on,
-                           firefly=self._hook(firefly, site, gen) if g.method == "firefly" else None,
-                           splitting=self._hook(splitting, site, gen) if g.method == "splitting" else None)
+        ctx = dataclasses.replace(self._event, generator=gen, solve_device=solve_on)
+        proposal = self.method.propose(site, stats, k, ctx)
         trail.append(("rank", proposal.count))
         if g.when == "bottleneck" and not unusable and \
                 not policy.bottleneck_fires(proposal.psi, float(stats.g2) / max(stats.n, 1), g.when_threshold):
@@ -321,14 +319,9 @@ class GrowthController:
             self._solve_on = self.dist.share(None if chosen is None else "cpu" if chosen.type == "cpu" else "model")
         return self._solve_on
 
-    def _hook(self, module, site, gen):
-        """growth=firefly / splitting: the proposal hook of `site` (propose(firefly=...) /
-        propose(splitting=...)) made by `module`.event_hook on this event's statistics batches;
-        its compute is added to flops."""
-        def add(flops: int) -> None:
-            self.flops += flops
-
-        return module.event_hook(self.g, self._event, site, self._loss_fn("sum"), gen, add)
+    def _add_flops(self, flops: int) -> None:
+        """Growth compute a method spends itself (EventContext.add_flops)."""
+        self.flops += flops
 
     def _grow_site(self, model, site, proposal: Proposal, trail: list, search_batch, trainer,
                    base: float | None = None, z: torch.Tensor | None = None) -> dict:
@@ -384,10 +377,10 @@ class GrowthController:
 
     def _search(self, model, site, proposal: Proposal, neurons, moments, search_batch, forward,
                 base: float | None) -> SearchResult:
-        """gamma by line search; function-preserving methods, firefly and growth.normalize=mean_norm:
+        """gamma by line search; methods of amplitude "preserving" / "trained" and growth.normalize=mean_norm:
         gamma = 1 (no search)."""
         g, loss_mean = self.g, self._mean_loss
-        if g.method in FUNCTION_PRESERVING:  # the function does not change
+        if self.method.amplitude == "preserving":  # the function does not change
             before = base if base is not None else measure(model, search_batch, loss_mean, forward)
             return SearchResult(1.0 if neurons.count else 0.0, before, before, 0.0, int(base is None))
         if g.normalize == "mean_norm":  # the layers' scale is the amplitude: L(gamma = 1) measured, no search
@@ -395,42 +388,14 @@ class GrowthController:
             slope = float((proposal.per_neuron.to(out.gain) * out.gain).sum())
             return at_gamma(model, site, out.neurons, None if out.mean is None else (out.mean, out.var), slope, 1.0,
                             search_batch, loss_mean, g.bn_init, forward=forward, base=base)
-        if g.method in AS_TRAINED:  # inserted as trained: L(gamma = 1) measured, no search
+        if self.method.amplitude == "trained":  # inserted as trained: L(gamma = 1) measured, no search
             return at_gamma(model, site, neurons, moments, self._slope(proposal), 1.0, search_batch, loss_mean,
                             g.bn_init, forward=forward, base=base)
         update = weight_update_fn(site, proposal.dw2, proposal.db2) if g.apply_dw else None
-        split = splitting.attach(site, proposal.copy_of, neurons) if g.method == "splitting" else None
         return line_search(model, site, neurons, moments, self._slope(proposal), search_batch, loss_mean,
-                           g.line_search, update, g.bn_init, forward=forward, base=base, attach=split)
+                           g.line_search, update, g.bn_init, forward=forward, base=base,
+                           attach=self.method.attach(site, proposal, neurons))
 
     def _insert(self, site, proposal: Proposal, neurons, moments, gamma: float, optimizer) -> None:
-        """What the line search evaluated at gamma: L2 += gamma^2 dW2* on the existing columns
-        (growth.apply_dw), then the neurons at amplitude gamma (moments gamma m, gamma^2 v);
-        growth.normalize=fan_in rebalances them first (fan-in c_k times, fan-out 1 / c_k, moments
-        c_k m, c_k^2 v: the same function, growrun.growth.scale), fan_out / mean_norm set their
-        norms (scale.normalized; mean_norm: as _search measured them). net2net: the copies as made from
-        the weights now, the originals' fan-outs split, BN channels copied; never rebalanced (a
-        copy's fan-in already has its original's norm, and its copied BN running statistics would
-        no longer match a rescaled fan-in)."""
-        if self.g.method == "splitting":  # neurons: the split directions (growrun.growth.splitting)
-            splitting.insert_split(site, proposal.copy_of, neurons, gamma, optimizer)
-            return
-        if proposal.copy_of is not None:
-            copies, l2_weight = net2net_copies(site, proposal.copy_of, proposal.copy_noise)
-            insert_copies(site, proposal.copy_of, copies, l2_weight, optimizer)
-            return
-        if self.g.apply_dw:
-            apply_weight_update(site, proposal.dw2, proposal.db2, gamma * gamma)
-        neurons = neurons.scaled(gamma)
-        c = rebalance_factors(site, neurons.w1) if self.g.normalize == "fan_in" else None
-        if c is not None:
-            neurons = rebalance(neurons, c)
-        mean, var = moments if moments is not None else (None, None)
-        if mean is not None:
-            scale = gamma if c is None else gamma * c.to(mean)
-            mean, var = scale * mean, scale * scale * var
-        bn_weight = None
-        if self.g.normalize in ("fan_out", "mean_norm"):
-            neurons, mean, var, bn_weight, _ = normalized(site, neurons, mean, var, self.g.normalize, self.g.bn_init,
-                                                          self.g.gradmax_scale)
-        insert_neurons(site, neurons, mean, var, optimizer, self.g.bn_init, bn_weight=bn_weight)
+        """The method's insertion at gamma (GrowthMethod.insert: what the line search evaluated)."""
+        self.method.insert(site, proposal, neurons, moments, gamma, optimizer)

@@ -34,7 +34,7 @@ With C = max(n_candidates, count) candidates (the reference: K = 70 candidates p
    The reference makes one pass over its growth data, one step per batch (its whole training
    set in batches of 128, ~390 steps on CIFAR-10, once per growth round of 160 epochs); here the
    growth event's statistics draw (growth.samples images in batches of growth.stats_batch_size)
-   stands for that data: steps = None (growth.firefly_steps=null, the default) is one pass over
+   stands for that data: steps = None (growth.firefly.steps=null, the default) is one pass over
    it, one step per batch. Under RMSprop a step moves each entry by about lr (3.2 lr at the
    first step), so a few steps already turn the eps-scale fan-outs towards the loss's descent
    direction for their fan-in, while the fan-ins (entries ~0.1) move little.
@@ -53,7 +53,7 @@ With C = max(n_candidates, count) candidates (the reference: K = 70 candidates p
    largest first-order loss decrease, ties by index; signed, as the reference keeps neurons
    with w <= its n_elites-th smallest w (a candidate whose score is positive would raise the loss).
 
-Insertion (growrun.growth.controller): the kept candidates as trained, gamma = 1, no line
+Insertion (growrun/growth/methods/firefly.py): the kept candidates as trained, gamma = 1, no line
 search: the reference inserts the optimised candidates as they are (eps-scale fan-outs, no
 amplitude search). Not function preserving: the loss changes by about sum of the kept s_c (a
 decrease). growth.normalize=fan_in then rebalances them (the same function).
@@ -81,7 +81,7 @@ from .surgery import l1_op, l2_op
 FANIN_STD = 0.1  # reference: vno.normal_(0, 0.1)
 FANIN_DECAY = 1e-4  # reference: (1e-2 * vno.pow(2).sum() * 1e-2).backward()
 RMSPROP = dict(alpha=0.9, momentum=0.1)  # reference: RMSprop(lr=1e-3, momentum=0.1, alpha=0.9)
-DEFAULTS = dict(n_candidates=70, steps=None, lr=1e-3, eps=1e-2)  # growth.firefly_* (schema.py)
+DEFAULTS = dict(n_candidates=70, steps=None, lr=1e-3, eps=1e-2)  # growth.firefly.* (growrun/growth/methods/firefly.py)
 
 
 @dataclass(eq=False)
@@ -249,40 +249,10 @@ def proposer(model, batches, loss_fn, *, n_candidates: int = DEFAULTS["n_candida
              steps: int | None = DEFAULTS["steps"], lr: float = DEFAULTS["lr"], eps: float = DEFAULTS["eps"],
              generator: torch.Generator | None = None, forward: Callable | None = None,
              reduce: Callable[[list], None] | None = None) -> Callable[[Site, int], tuple[Neurons, torch.Tensor]]:
-    """The hook growrun.growth.neurons.propose(method="firefly", firefly=...) calls:
+    """The hook the firefly method calls (growrun/growth/methods/firefly.py; EventContext.hook):
     (site, count) -> (the kept neurons at amplitude 1, their scores s_c (float64))."""
     def hook(site: Site, count: int) -> tuple[Neurons, torch.Tensor]:
         return firefly_candidates(model, site, batches, loss_fn, count, n_candidates=n_candidates, steps=steps,
                                   lr=lr, eps=eps, generator=generator, forward=forward, reduce=reduce).chosen()
-
-    return hook
-
-
-def event_hook(g, event: dict, site: Site, loss_fn: Callable, generator, add_flops: Callable[[int], None]):
-    """The controller's proposal hook for `site` at a growth event (neurons.propose(firefly=...)):
-    event = {"model", "batches" (the statistics batches), "dist", "shape", "n_stats"}. The batches
-    run once through the network before the site's block (draws.split_at); the candidates train
-    and are scored from the block on. Compute reported to add_flops: F_front per statistics
-    sample, and 3 (F_rest + the candidates' FLOPs) per sample of each training step and of the
-    score pass."""
-    from growrun.growth.draws import split_at
-    from growrun.models import count_flops
-
-    model, dist, n = event["model"], event["dist"], event["n_stats"]
-    front, rest = split_at(model, site.name)
-
-    def hook(site, count):
-        if not count:
-            return firefly_candidates(model, site, [], None, 0).chosen()
-        with torch.no_grad(), frozen_bn_stats(model):
-            batches = [(front(x), y) for x, y in event["batches"]]
-        found = firefly_candidates(
-            model, site, batches, loss_fn, count, n_candidates=g.firefly_candidates, steps=g.firefly_steps,
-            lr=g.firefly_lr, eps=g.firefly_eps, generator=generator, forward=rest,
-            reduce=dist.sum_ if dist.active else None)
-        f_front, f_all = count_flops(model, event["shape"], forward=front), count_flops(model, event["shape"])
-        per_image = f_all - f_front + found.flops_per_image  # the rest of the network, with the candidates
-        add_flops(int(f_front * n + 3 * per_image * (found.steps * n / max(1, len(batches)) + n)))
-        return found.chosen()
 
     return hook

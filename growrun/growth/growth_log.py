@@ -31,13 +31,13 @@ COLUMNS = [
 ]
 
 
-def unusable_stats(stats, method: str) -> str:
+def unusable_stats(stats, fits_gradient: bool) -> str:
     """Why a site's statistics cannot be used: "nonfinite" (NaN / inf anywhere), "degenerate"
-    (zero gradient energy g2: nothing for tiny / tiny_noproj / gradmax to fit), or "" if fine."""
+    (zero gradient energy g2: nothing to fit for a method whose neurons are fitted to the
+    gradient, GrowthMethod.fits_gradient), or "" if fine."""
     if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
         return "nonfinite"
-    fitted = method in ("tiny", "tiny_noproj", "gradmax")
-    return "degenerate" if fitted and float(stats.g2) <= 0 else ""
+    return "degenerate" if fits_gradient and float(stats.g2) <= 0 else ""
 
 
 def zeroed(stats):

@@ -142,12 +142,14 @@ def planned_epochs(cfg, events: int, steps_per_epoch: int) -> int:
 
 
 def growth_blocker(cfg, epochs: int, steps_per_epoch: int | None, start: dict[str, int],
-                   targets: dict[str, int], params: int, params_per_neuron: dict[str, int]) -> str | None:
+                   targets: dict[str, int], params: int, params_per_neuron: dict[str, int],
+                   splits: str = "") -> str | None:
     """Why growth (cfg: the growth config) can add no neuron at all in a run of `epochs` epochs
     of `steps_per_epoch` steps (None: unknown, the schedule is not checked), from the `start`
     widths (a model of `params` parameters) to the `targets` (target_widths, growth.only
     applied), or None when some site can grow. The reason is one line naming the keys to
-    change; growth.method=none never has one."""
+    change; growth.method=none never has one. splits: the method's verb ("copy", "split") when
+    its new neurons come from existing ones (GrowthMethod.splits), so sites at width 0 cannot grow."""
     if cfg.method == "none":
         return None
     if steps_per_epoch is not None and not growth_steps(cfg, steps_per_epoch, epochs):
@@ -156,9 +158,9 @@ def growth_blocker(cfg, epochs: int, steps_per_epoch: int | None, start: dict[st
     if not below:
         return _no_room(cfg, start, targets)
     empty = [n for n in below if start[n] == 0]
-    if cfg.method in ("net2net", "splitting") and empty:
+    if splits and empty:
         return (f"growth.method={cfg.method}: site(s) {', '.join(empty)} start at width 0 and {cfg.method} can only "
-                f"{'copy' if cfg.method == 'net2net' else 'split'} existing neurons; start them at >= 1 neuron "
+                f"{splits} existing neurons; start them at >= 1 neuron "
                 f"(model.site_widths, model.start_fraction), leave them out of growth.only, or use another growth "
                 f"method")
     cheapest = min(params_per_neuron[n] for n in below)

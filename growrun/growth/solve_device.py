@@ -11,7 +11,7 @@ float32, often slower than the CPU; MPS has no float64 at all. So:
          pays (A, B to the CPU, C back), timed once per process and device (cached); other
          accelerators: the model's device.
 
-neurons.propose moves the site's normalized float64 statistics to this device (`moved`), solves
+neurons.fit_site moves the site's normalized float64 statistics to this device (`moved`), solves
 there, and returns the Proposal on the site's device. The solve's results do not depend on the device beyond float64
 round-off.
 """

@@ -23,7 +23,7 @@ ReLU: sigma'' = 0 almost everywhere (a Dirac at 0: S_i is the expectation of g a
 The authors' fast-splitting code (github.com/dilinwang820/fast-energy-aware-splitting, sp_conv.py
 `sp_forward`) replaces it by softplus_beta'' (beta = 3: a logistic density of scale 1/3 in BN-output
 units), with BN in eval mode (running variance). Here: a Gaussian kernel estimate of delta,
-sigma''(z) ~ phi_h(z) = exp(-z^2 / 2h^2) / (sqrt(2 pi) h), h = growth.splitting_bandwidth (0.25)
+sigma''(z) ~ phi_h(z) = exp(-z^2 / 2h^2) / (sqrt(2 pi) h), h = growth.splitting.bandwidth (0.25)
 times the neuron's std of z over the batch; it converges to the exact expected loss change of a
 split over a continuous input distribution as h -> 0 (h ~ the size of the split's own perturbation
 of z at the line-searched amplitude). "identity" sites: sigma'' = 0, S = 0, nothing is split.
@@ -32,7 +32,7 @@ Eigenvectors: the split neurons are those of most negative lambda_min(S_i) (only
 below -rel_eps max_i |lambda|), ties by index, at most `count`, each split once; v_i its unit
 eigenvector. d1 <= exact_dim: every S_i formed and torch.linalg.eigh; else matrix-free batched
 Lanczos (full reorthogonalisation, restarted from the Ritz vector) with S_i v = (1/n) X^T (c_i * (X v)).
-Memory: X keeps at most growth.splitting_patches (sample, position) pairs: batch b (B_b of the n
+Memory: X keeps at most growth.splitting.patches (sample, position) pairs: batch b (B_b of the n
 samples, P positions each) keeps ceil(patches B_b / n) of its B_b P pairs drawn uniformly without
 replacement, each weighted B_b P / kept (an unbiased estimate of the sums; all pairs when they fit).
 The authors instead run RMSprop on the Rayleigh quotient v^T S v / v^T v over the training set.
@@ -56,7 +56,7 @@ from .site import Neurons, Site, frozen_bn_stats
 from .surgery import insert_copies, l1_op, l2_op
 from .unfold import conv_geometry, out_len, site_dims
 
-DEFAULTS = dict(bandwidth=0.25, patches=4096, iters=32)  # growth.splitting_* (schema.py)
+DEFAULTS = dict(bandwidth=0.25, patches=4096, iters=32)  # growth.splitting.* (growrun/growth/methods/splitting.py)
 EXACT_DIM = 160  # form every S_i when d1 <= this (N d1^2 K flops, vs ~4 N d1 K per Lanczos step)
 
 
@@ -340,7 +340,7 @@ def proposer(model, batches, loss_fn: Callable, *, forward: Callable | None = No
              bandwidth: float = DEFAULTS["bandwidth"], patches: int = DEFAULTS["patches"],
              iters: int = DEFAULTS["iters"], rel_eps: float = 1e-7, generator=None, reduce: Callable | None = None,
              add_flops: Callable[[int], None] | None = None) -> Callable:
-    """The hook neurons.propose(method="splitting", splitting=...) calls: (site, count) -> (split
+    """The hook the splitting method calls (growrun/growth/methods/splitting.py): (site, count) -> (split
     neurons idx (int64), their directions r v_k (Neurons), predicted change per gamma^2 (float64)),
     measured on `batches` [(inputs of `forward`, labels)] (collect); reduce: as min_eigenpairs."""
     def hook(site, count):
@@ -361,30 +361,5 @@ def proposer(model, batches, loss_fn: Callable, *, forward: Callable | None = No
         idx = select(lam, count, rel_eps).to(dev)
         per = 0.5 * lam[idx.to(lam.device)].double() * fanin_scale(site) ** 2
         return idx, directions(site, idx, V[idx.to(V.device)]), per
-
-    return hook
-
-
-def event_hook(g, event: dict, site: Site, loss_fn: Callable, generator, add_flops: Callable[[int], None]):
-    """The controller's proposal hook (proposer on this event): event = {"model", "batches", "dist",
-    "shape", "n_stats"} as for firefly; the batches run through the network before the site's block
-    once. Compute: F_front + 3 F_rest per statistics sample, plus the eigen-solve's products."""
-    from growrun.growth.draws import split_at
-    from growrun.models import count_flops
-
-    model, dist = event["model"], event["dist"]
-    front, rest = split_at(model, site.name)
-
-    def hook(site, count):
-        if count and site.width:
-            with torch.no_grad(), frozen_bn_stats(model):
-                batches = [(front(x), y) for x, y in event["batches"]]
-            f_front, f_all = count_flops(model, event["shape"], forward=front), count_flops(model, event["shape"])
-            add_flops(int(event["n_stats"] * (f_front + 3 * (f_all - f_front))))
-        else:
-            batches = []
-        return proposer(model, batches, loss_fn, forward=rest, bandwidth=g.splitting_bandwidth,
-                        patches=g.splitting_patches, iters=g.splitting_iters, rel_eps=g.rel_eps, generator=generator,
-                        reduce=dist.sum_ if dist.active else None, add_flops=add_flops)(site, count)
 
     return hook

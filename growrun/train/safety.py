@@ -106,7 +106,9 @@ def config_differences(stored: dict, current: dict) -> list[str]:
     config and the current one, except RESUMABLE_CHANGES. A key the checkpoint's growrun did
     not have yet is no difference while it keeps its schema default (new keys default to the
     behaviour from before they existed)."""
-    a, b = _flatten(stored), _flatten(current)
+    from growrun.config.validate import upgrade_config
+
+    a, b = _flatten(upgrade_config(stored)), _flatten(current)
     missing = object()
     defaults = _schema_defaults()
     diffs = []
