@@ -27,7 +27,7 @@ from test_growth_training import compose_cfg
 
 from growrun.errors import Diverged, GrowrunError
 from growrun.faults import ENV as KILL_ENV
-from growrun.growth import controller
+from growrun.train.events import event as controller
 from growrun.train import outputs
 from growrun.train import run as run_module
 from growrun.train.outputs import FORMAT, CheckpointError, load_checkpoint, read_checkpoint

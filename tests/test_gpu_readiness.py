@@ -14,7 +14,8 @@ from test_growth_training import compose_cfg
 
 from growrun import devices
 from growrun.errors import GrowrunError
-from growrun.growth import controller as controller_module
+from growrun.train.events import controller as controller_module
+from growrun.train.events import event as event_module
 from growrun.growth import stats_training
 from growrun.growth.neurons import Neurons
 from growrun.growth.surgery import insert_neurons
@@ -183,7 +184,7 @@ def test_growth_events_run_without_tf32_while_training_may_use_it(tmp_path, monk
     line search) and the products recorded during training (stats=training) without it, and
     the flags restored after each event."""
     seen: dict[str, set] = {"stats": set(), "search": set(), "train": set(), "window": set()}
-    real_stats, real_search = controller_module.collect_statistics, controller_module.line_search
+    real_stats, real_search = event_module.collect_statistics, event_module.line_search
     real_accumulate = stats_training._TrainingRecorder.accumulate
 
     def stats_spy(*a, **k):
@@ -198,8 +199,8 @@ def test_growth_events_run_without_tf32_while_training_may_use_it(tmp_path, monk
         seen["window"].add(devices.tf32_enabled())
         return real_accumulate(self, *a, **k)
 
-    monkeypatch.setattr(controller_module, "collect_statistics", stats_spy)
-    monkeypatch.setattr(controller_module, "line_search", search_spy)
+    monkeypatch.setattr(event_module, "collect_statistics", stats_spy)
+    monkeypatch.setattr(event_module, "line_search", search_spy)
     monkeypatch.setattr(stats_training._TrainingRecorder, "accumulate", accumulate_spy)
     real_step = torch.optim.SGD.step
 
@@ -294,7 +295,7 @@ def test_solve_device_auto_is_chosen_on_rank_0_and_shared(monkeypatch):
 
     ranks = [SimpleNamespace(g=SimpleNamespace(solve_device="auto"), dist=d, _solve_on=None)
              for d in (distributed.Single(), Rank1())]
-    choose = controller_module.GrowthController._solve_device
+    choose = controller_module.GrowthController.solve_device
     assert choose(ranks[0], torch.device("cpu")) == "cpu" and choose(ranks[1], torch.device("cpu")) == "model"
     assert choose(ranks[0], torch.device("cpu")) == "cpu" and timed == ["auto"]  # chosen once per run
 

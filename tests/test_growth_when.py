@@ -147,7 +147,7 @@ def test_plateau_fires_from_the_loss_history_and_resumes_exactly(tmp_path, monke
 
 
 def test_older_checkpoints_without_trigger_state_load():
-    from growrun.growth.controller import GrowthController
+    from growrun.train.events import GrowthController
 
     ctl = GrowthController.__new__(GrowthController)
     ctl.recording = None

@@ -55,7 +55,7 @@ def net2net_proposal(model, site, x, y, count, **kw):
 
 
 def insert(site, proposal, optimizer=None):
-    """What the controller does for net2net (GrowthController._insert)."""
+    """What the event does for net2net (Net2Net.insert)."""
     copies, l2_weight = net2net_copies(site, proposal.copy_of, proposal.copy_noise)
     insert_copies(site, proposal.copy_of, copies, l2_weight, optimizer)
 

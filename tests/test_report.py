@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from growrun.cli import main as cli_main
-from growrun.growth.controller import COLUMNS as GROWTH_COLUMNS
+from growrun.growth.growth_log import COLUMNS as GROWTH_COLUMNS
 from growrun.report import reference
 from growrun.report.cli import report_main
 

@@ -1,4 +1,4 @@
-"""What a growth event measures on (growrun.growth.controller uses these):
+"""What a growth event measures on (growrun.train.events.event uses these):
 
     draw_samples      the statistics batches and the held line-search batch, seeded per event
     log_draw_sizes    the up-front check that the training set holds both draws

@@ -1,6 +1,6 @@
 """The vocabulary of growth.csv: its columns, and the helpers that decide what a site's row says
 (why a site's statistics are unusable, which stage cut its neuron count, its best_gain score).
-Used by growrun.growth.controller, which writes the rows.
+Used by growrun.train.events, which writes the rows.
 
 A site may get fewer neurons than the schedule requested, 0 included; the row's `reason` names
 the first stage that cut the count: "adaptive" (the adaptive rule kept fewer), "rank" (fewer

@@ -4,7 +4,7 @@ accuracy with X % of its compute".
 A run's compute after an epoch is metrics.csv's train_flops + growth_flops: the training FLOPs
 of every image seen at the width it was seen at (3 x the forward FLOPs per image) plus the
 growth events' statistics passes and line searches (growrun.train.trainer,
-growrun.growth.controller). Evaluation is not counted.
+growrun.train.events.compute). Evaluation is not counted.
 
 The reference is the group of fixed networks (growth.method=none; of several, the one with
 the most parameters). For each group and fraction f in FRACTIONS, a run's compute to reach f is

@@ -6,7 +6,7 @@ to know about the other ranks, in one place.
 
 Each rank trains on its contiguous 1/K share of every global batch (trainer.batch_size is the
 global batch; it must divide by K) through DistributedDataParallel, so the gradient is the
-global batch's mean gradient. At a growth event (growrun.growth.controller) every rank takes
+global batch's mean gradient. At a growth event (growrun.train.events) every rank takes
 its share of the statistics batches and of the line-search batch; the statistics, which are
 sums (SiteStats.tensors()), are summed across ranks, and every loss the line search compares is
 the global batch's mean, so all ranks take the same decisions from the same numbers; after the

@@ -328,6 +328,6 @@ def planned_widths(cfg: DictConfig, num_classes: int, input_shape) -> tuple[dict
 def _make_growth(cfg: DictConfig, run_dir: Path, model, steps_per_epoch: int, data, dist):
     if cfg.growth.method == "none":
         return None
-    from growrun.growth.controller import GrowthController
+    from growrun.train.events import GrowthController
 
     return GrowthController(cfg, run_dir, model, steps_per_epoch, len(data.train.labels), dist)

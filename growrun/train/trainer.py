@@ -45,7 +45,7 @@ TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients) p
 
 
 class GrowthHook(Protocol):
-    """What the trainer needs from a growth controller (growrun.growth.controller)."""
+    """What the trainer needs from a growth controller (growrun.train.events)."""
 
     flops: int  # growth compute so far
     def watch(self, step: int) -> None: ...  # before step `step`'s forward (statistics from training)
