@@ -77,9 +77,10 @@ table1: $(STAMP)
 # at 1/4 width; SCALE=full: CIFAR-100, full ResNet18 (a GPU machine or cluster). Re-running resumes
 # unfinished runs and skips finished ones, as table1 does.
 M_DIR     ?= outputs/methods_$(SCALE)
-M_METHODS := tiny,tiny_noproj,gradmax,random,zero,net2net,firefly,tiny_full,splitting
-M_SWEEP_full := growth=$(M_METHODS) model.start_fraction=0.015625 growth.dt=0.25 seed=0,1
-M_SWEEP_cpu  := growth=$(M_METHODS) model.start_fraction=0.00390625 growth.dt=0.25 seed=0,1
+# every method's preset, from the registry (growrun/growth/methods/), read when the recipe runs
+M_METHODS = $(shell $(BIN)/python -m growrun.growth.methods)
+M_SWEEP_full = growth=$(M_METHODS) model.start_fraction=0.015625 growth.dt=0.25 seed=0,1
+M_SWEEP_cpu  = growth=$(M_METHODS) model.start_fraction=0.00390625 growth.dt=0.25 seed=0,1
 
 methods: $(STAMP)
 	$(if $(M_SWEEP_$(SCALE)),,$(error SCALE=$(SCALE): not a Table 1 scale; choose full or cpu))
