@@ -52,9 +52,9 @@ import time
 from pathlib import Path
 
 from gpu_check_lib import (
-    REPO, Launcher, Report, Run, added, compare_runs, completed_run, csv_rows, machine,
-    nondeterministic_ops, proposal_difference, require, summary, throughput,
+    REPO, Launcher, Report, Run, added, completed_run, csv_rows, nondeterministic_ops, require, summary, throughput,
 )
+from gpu_check_measure import compare_runs, machine, proposal_difference
 
 # CPU: ResNet18 at 1/8 width, hidden widths grown from 1/64 to 1/16 of ResNet18's in 2 visits per
 # site, 16x16 images, 4 steps per epoch, growth events every half epoch from the end of epoch 1

@@ -14,7 +14,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from gpu_check import compare_main  # noqa: E402
-from gpu_check_lib import CheckFailed, Report, compare_states  # noqa: E402
+from gpu_check_lib import CheckFailed, Report  # noqa: E402
+from gpu_check_measure import compare_states  # noqa: E402
 
 from growrun.train.outputs import save_checkpoint  # noqa: E402
 
