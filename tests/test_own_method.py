@@ -159,11 +159,11 @@ def test_proposal_fits_the_site_and_has_the_layer_scale(conv):
         assert not off.any()  # the fan-out at the centre tap only
     assert prop.dw2.shape == net.l2.weight.shape and prop.db2.shape == net.l2.bias.shape
     # the option: fan-ins and fan-outs at 0.5 x the existing neurons' mean norms
-    fan_in = nz.w1.reshape(K, -1).norm(dim=1)
-    torch.testing.assert_close(fan_in, torch.full_like(fan_in, 0.5 * float(net.l1.weight.detach().flatten(1).norm(dim=1).mean())))
-    fan_out = nz.w2.transpose(0, 1).reshape(K, -1).norm(dim=1)
-    ref = float(net.l2.weight.detach().transpose(0, 1).flatten(1).norm(dim=1).mean())
-    torch.testing.assert_close(fan_out, torch.full_like(fan_out, 0.5 * ref))
+    r_in = float(net.l1.weight.detach().flatten(1).norm(dim=1).mean())
+    r_out = float(net.l2.weight.detach().transpose(0, 1).flatten(1).norm(dim=1).mean())
+    fan_in, fan_out = nz.w1.reshape(K, -1).norm(dim=1), nz.w2.transpose(0, 1).reshape(K, -1).norm(dim=1)
+    torch.testing.assert_close(fan_in, torch.full_like(fan_in, 0.5 * r_in))
+    torch.testing.assert_close(fan_out, torch.full_like(fan_out, 0.5 * r_out))
     # the sign rule: no neuron increases the loss to first order
     assert prop.per_neuron.shape == (K,) and (prop.per_neuron <= 0).all()
     assert prop.first_order == pytest.approx(float(prop.per_neuron.sum())) and prop.first_order < 0
@@ -244,7 +244,10 @@ def test_its_option_reaches_it(run_cli, runs):
 
 @pytest.mark.parametrize("override,message", [
     ("+growth.options.bogus=1", f"growth.options.bogus: not an option of growth.method={METHOD}; its options: scale"),
-    ("+growth.options.scale=-1", "growth.options.scale=-1: out of range; must be > 0"),
+    ("+growth.options.scale=-1", "growth.options.scale=-1.0: out of range; must be > 0"),
+    ("+growth.options.scale=abc", "growth.options.scale=abc: not a value of its type in FixedDirection.Options"),
+    ("growth.options.scale=2", "growth.options.scale: an option of your own method is a new key for Hydra; "
+                               "write +growth.options.scale=VALUE"),
     ("growth.method=nosuchmodule:X", "growth.method=nosuchmodule:X: cannot import nosuchmodule"),
     ("growth.method=mygrowth.fixed_direction:unit_rows",
      "growth.method=mygrowth.fixed_direction:unit_rows: mygrowth.fixed_direction has no GrowthMethod subclass"),

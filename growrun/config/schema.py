@@ -135,7 +135,8 @@ class _SharedGrowthConfig:
     # where the float64 solves run: auto (CPU models: the CPU; CUDA: the faster of GPU and CPU at a
     # float64 matmul, timed once per process) | model (its device; MPS: CPU) | cpu; growth/solve_device.py
     solve_device: str = choices("auto", "auto", "model", "cpu")
-    # growth.method=module:Class: that method's options, checked against its Options dataclass
+    # growth.method=module:Class: that method's options (+growth.options.KEY=VALUE), checked against its
+    # Options dataclass
     options: Dict[str, Any] = field(default_factory=dict)
 
 

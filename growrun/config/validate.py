@@ -102,6 +102,8 @@ def unknown_key_message(key: str) -> str:
     same group when there is one."""
     if key in RENAMED:
         return f"{key}: renamed to {RENAMED[key]} (each method's options are in its node growth.<method>)"
+    if key.startswith("growth.options."):
+        return f"{key}: an option of your own method is a new key for Hydra; write +{key}=VALUE"
     parent, _, name = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in schema_keys() if k.rpartition(".")[0] == parent]
     close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)

@@ -6,7 +6,8 @@ and the options' refusals (growrun.config.validate), the method option nodes gro
 (growrun.config.schema), `make methods` (`python -m growrun.growth.methods`: the presets), and
 the option-matrix test (tests/test_growth_matrix.py). A method outside this package is named
 by its import path, growth.method=my_pkg.my_module:MyMethod (`load`); its options are the
-node growth.options, checked against its Options dataclass. docs/methods.md: writing one.
+node growth.options (+growth.options.KEY=VALUE: new keys for Hydra), checked against its Options
+dataclass, types included. docs/methods.md: writing one.
 
 The method modules import torch and the mathematics inside their functions, so that reading
 the registry (the config schema does, for `growrun train --help` too) does not import torch.
@@ -77,13 +78,21 @@ def options_of(cls: type[GrowthMethod], g: Any) -> Any:
         return None
     if cls in BUILTIN:
         return getattr(g, cls.name)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     given = dict(getattr(g, "options", None) or {})
     known = {f.name for f in dataclasses.fields(cls.Options)}
     unknown = sorted(set(given) - known)
     if unknown:
         raise GrowrunError(f"growth.options.{unknown[0]}: not an option of growth.method={g.method}; its options: "
                            f"{', '.join(sorted(known)) or 'none'}")
-    return cls.Options(**given)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), given))
+    except OmegaConfBaseException as ex:
+        key = getattr(ex, "full_key", "") or "?"
+        raise GrowrunError(f"growth.options.{key}={given.get(key)}: not a value of its type in {cls.__name__}.Options "
+                           f"({str(ex).splitlines()[0]})") from None
 
 
 def create(g: Any) -> GrowthMethod:

@@ -29,10 +29,15 @@ and its methods do the work:
     insert(site, proposal, neurons, moments, gamma, optimizer)   put them in at amplitude gamma
     refuse(g, conv_model) -> str | None             a one-line message for an option it cannot honour
 
-Every method must keep three properties, checked for each registered method by
-tests/test_methods.py: at amplitude 0 the network computes the same function (no output
-changes when its neurons are inserted with gamma = 0), the proposal's shapes fit the site, and
-a run resumes exactly. docs/methods.md walks through writing one.
+Every method must keep three properties: at amplitude 0 the network computes the same function
+(no output changes when its neurons are inserted with gamma = 0), the proposal's shapes fit the
+site, and a run resumes exactly. A method holds no state from one event to the next (the
+checkpoint does not save it): everything it draws comes from ctx.generator, seeded per event.
+tests/test_growth_neurons.py checks the first two for every registered method, the resume tests
+(test_faults, test_net2net, test_firefly, test_splitting, ...) the third; tests/test_own_method.py
+is the template for a method of your own, and docs/methods.md walks through writing one.
+`attach` is used by the line search only: methods of amplitude "trained", and
+growth.normalize=mean_norm, measure L(gamma = 1) with the standard candidate.
 """
 from __future__ import annotations
 
@@ -97,15 +102,15 @@ class GrowthMethod:
         if g.apply_dw and not self.honours_apply_dw():
             how = "as trained" if self.amplitude == "trained" else "function preserving"
             why = self.apply_dw_why or f"which inserts without a line search ({how}), so dW2* would get no amplitude"
-            return f"growth.apply_dw=true: not with growth.method={self.name}, {why}; use growth.apply_dw=false"
+            return f"growth.apply_dw=true: not with growth.method={g.method}, {why}; use growth.apply_dw=false"
         if g.normalize not in self.normalize:
-            return (f"growth.normalize={g.normalize}: not with growth.method={self.name}, {self.normalize_why}; "
+            return (f"growth.normalize={g.normalize}: not with growth.method={g.method}, {self.normalize_why}; "
                     f"use growth.normalize={'|'.join(self.normalize)}")
         if g.stats == "training" and self.measures == "batches":
-            return (f"growth.stats=training: not with growth.method={self.name}, which measures on the statistics "
+            return (f"growth.stats=training: not with growth.method={g.method}, which measures on the statistics "
                     f"batches of a pass; use growth.stats=pass")
         if g.conv_fanout == "full" and conv_model and not self.full_fanout:
-            return (f"growth.conv_fanout=full: not with growth.method={self.name} (it uses the centre tap); use "
+            return (f"growth.conv_fanout=full: not with growth.method={g.method} (it uses the centre tap); use "
                     f"growth.conv_fanout=center or a method that supports it")
         return None
 

@@ -39,7 +39,7 @@ class Tiny(GrowthMethod):
         from growrun.growth.solve import tiny_matrix, tiny_solve
 
         g = self.g
-        fit = fit_site(site, stats, self.name, full_fanout=True, conv_fanout=g.conv_fanout,
+        fit = fit_site(site, stats, self.name, full_fanout=self.full_fanout, conv_fanout=g.conv_fanout,
                        solve_device=ctx.solve_device, rel_eps=g.rel_eps)
         count, ns = max(int(count), 0), fit.ns
         if g.conv_fanout == "full" and site.is_conv:  # M1full (d1, m * kh2 * kw2), omega whole kernels
