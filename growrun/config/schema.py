@@ -173,6 +173,9 @@ class TrainerConfig:
     checkpoint: bool = True  # write checkpoints/last.pt at the end of every epoch (and on SIGTERM/SIGINT)
     checkpoint_every: int = bounded(0, 0)  # also every this many optimizer steps (0: off)
     checkpoint_minutes: float = bounded(0.0, 0.0)  # also after this many minutes since the last one (0: off)
+    # growth=none only: train for this many training FLOPs instead of `epochs` (the LR schedule spans
+    # them; the last epoch may be partial): the fixed network at a grown run's compute; train/budget.py
+    budget_flops: Optional[float] = bounded(None, 0.0, lo_open=True)
 
 
 @dataclass

@@ -49,6 +49,9 @@ def validate(cfg: DictConfig) -> None:
     if g.extra_epochs is not None and g.when != "schedule":
         raise GrowrunError(f"growth.extra_epochs={g.extra_epochs}: plans the run length from the growth schedule, "
                            f"which growth.when={g.when} may skip; use growth.when=schedule or set trainer.epochs")
+    if cfg.trainer.budget_flops is not None and g.method != NONE:
+        raise GrowrunError(f"trainer.budget_flops={cfg.trainer.budget_flops:g}: only for a fixed network (growth=none; "
+                           f"here growth.method={g.method}, whose compute depends on its growth); set trainer.epochs")
     if g.method != NONE:
         _check_method(cfg)
     if g.normalize == "mean_norm" and g.apply_dw:

@@ -48,6 +48,8 @@ def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int) -> LambdaLR:
-    total = max(1, steps_per_epoch * epochs)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int,
+                    total_steps: int | None = None) -> LambdaLR:
+    """total_steps: the run's steps when not epochs x steps_per_epoch (trainer.budget_flops)."""
+    total = max(1, steps_per_epoch * epochs if total_steps is None else total_steps)
     return LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch))

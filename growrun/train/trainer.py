@@ -90,6 +90,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.train_flops = 0  # training compute so far (see the module doc)
         self.partial = EpochProgress()
+        self.max_steps: int | None = None  # trainer.budget_flops: the run ends after this step (growrun.train.budget)
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss step
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if t.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
@@ -127,6 +128,8 @@ class Trainer:
                    initial=p.batches, leave=False, desc=f"epoch {self.epoch + 1}/{self.cfg.trainer.epochs}",
                    disable=not self.show_progress, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar, p.batches):
+            if self.max_steps is not None and self.step >= self.max_steps:  # the budget's last, partial epoch
+                break
             if self.growth is not None:
                 self.growth.watch(self.step + 1)
             with self.autocast:
