@@ -62,13 +62,22 @@ T1_DIR ?= outputs/table1_$(SCALE)
 T1_SWEEP_full := growth=tiny,gradmax model.start_fraction=0.015625,0.25 growth.dt=0.25,1 seed=0,1
 T1_SWEEP_cpu  := growth=tiny,gradmax model.start_fraction=0.00390625,0.0625 growth.dt=0.25,1 seed=0,1
 T1_TRAIN = GROWRUN_DATA=$(DATA) $(BIN)/growrun train -m resume=true trainer.progress=off
+# The fixed final network at each grown run's compute, same seed (trainer.budget_from=<that run>):
+# one sweep per seed into $(1)/equal/seed<S>, over that seed's completed runs of $(1)/grown.
+EQ_SEEDS := 0 1
+T1_EQUAL = for s in $(EQ_SEEDS); do \
+	  runs=$$($(BIN)/python -m growrun.train.budget $(1)/grown --seed $$s) && \
+	  $(T1_TRAIN) +experiment=table1_$(SCALE)_reference seed=$$s trainer.budget_from=$$runs \
+	    hydra.sweep.dir=$(1)/equal/seed$$s $(ARGS) || status=1; \
+	done
 
 table1: $(STAMP)
 	$(if $(T1_SWEEP_$(SCALE)),,$(error SCALE=$(SCALE): not a Table 1 scale; choose full or cpu))
 	status=0; \
 	$(T1_TRAIN) +experiment=table1_$(SCALE) $(T1_SWEEP_$(SCALE)) hydra.sweep.dir=$(T1_DIR)/grown $(ARGS) || status=1; \
 	$(T1_TRAIN) +experiment=table1_$(SCALE)_reference seed=0,1 hydra.sweep.dir=$(T1_DIR)/reference $(ARGS) || status=1; \
-	$(BIN)/growrun report $(T1_DIR)/grown $(T1_DIR)/reference --out $(T1_DIR) || status=1; \
+	$(call T1_EQUAL,$(T1_DIR)); \
+	$(BIN)/growrun report $(T1_DIR)/grown $(T1_DIR)/reference $(T1_DIR)/equal --out $(T1_DIR) || status=1; \
 	exit $$status
 
 # Every growth method on Table 1's fast-growth setting (configs/experiment/table1_$(SCALE).yaml:
@@ -87,12 +96,13 @@ methods: $(STAMP)
 	status=0; \
 	$(T1_TRAIN) +experiment=table1_$(SCALE) $(M_SWEEP_$(SCALE)) hydra.sweep.dir=$(M_DIR)/grown $(ARGS) || status=1; \
 	$(T1_TRAIN) +experiment=table1_$(SCALE)_reference seed=0,1 hydra.sweep.dir=$(M_DIR)/reference $(ARGS) || status=1; \
-	$(BIN)/growrun report $(M_DIR)/grown $(M_DIR)/reference --out $(M_DIR) || status=1; \
+	$(call T1_EQUAL,$(M_DIR)); \
+	$(BIN)/growrun report $(M_DIR)/grown $(M_DIR)/reference $(M_DIR)/equal --out $(M_DIR) || status=1; \
 	exit $$status
 
 # Redraw Table 1's report (table and plots) from the runs that exist, without training.
 figures: $(STAMP)
-	$(BIN)/growrun report $(wildcard $(T1_DIR)/grown $(T1_DIR)/reference) --out $(T1_DIR)
+	$(BIN)/growrun report $(wildcard $(T1_DIR)/grown $(T1_DIR)/reference $(T1_DIR)/equal) --out $(T1_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

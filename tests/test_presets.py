@@ -114,7 +114,14 @@ def test_methods_sweep_plans_the_documented_runs(scale, classes, images, final):
     report = next(ln for ln in out if "growrun report" in ln).split()
     assert f"hydra.sweep.dir=outputs/methods_{scale}/grown" in grown and "resume=true" in grown
     assert f"hydra.sweep.dir=outputs/methods_{scale}/reference" in reference and "seed=0,1" in reference
-    assert report[1:5] == ["report", f"outputs/methods_{scale}/grown", f"outputs/methods_{scale}/reference", "--out"]
+    assert report[1:6] == ["report", f"outputs/methods_{scale}/grown", f"outputs/methods_{scale}/reference",
+                           f"outputs/methods_{scale}/equal", "--out"]
+    # the fixed final network at each grown run's compute: per seed, over that seed's grown runs
+    equal = next(ln for ln in out if "trainer.budget_from=" in ln)
+    assert equal.startswith("for s in 0 1; do runs=$(") and f"growrun.train.budget outputs/methods_{scale}/grown " \
+        "--seed $s)" in equal
+    assert all(item in equal.split() for item in (f"+experiment=table1_{scale}_reference", "seed=$s",
+               "trainer.budget_from=$runs", f"hydra.sweep.dir=outputs/methods_{scale}/equal/seed$s"))
     start = grown.index(f"+experiment=table1_{scale}") + 1
     end = next(i for i, item in enumerate(grown) if item.startswith("hydra.sweep.dir="))
     axes = [(k, v.split(",")) for k, v in (item.split("=", 1) for item in grown[start:end])]

@@ -176,6 +176,9 @@ class TrainerConfig:
     # growth=none only: train for this many training FLOPs instead of `epochs` (the LR schedule spans
     # them; the last epoch may be partial): the fixed network at a grown run's compute; train/budget.py
     budget_flops: Optional[float] = bounded(None, 0.0, lo_open=True)
+    # growth=none only: the budget of finished runs: a run directory (its compute, same seed) or a
+    # sweep directory (the mean compute of its growing runs with this seed); train/budget.py
+    budget_from: Optional[str] = None
 
 
 @dataclass

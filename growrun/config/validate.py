@@ -52,6 +52,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.budget_flops is not None and g.method != NONE:
         raise GrowrunError(f"trainer.budget_flops={cfg.trainer.budget_flops:g}: only for a fixed network (growth=none; "
                            f"here growth.method={g.method}, whose compute depends on its growth); set trainer.epochs")
+    if cfg.trainer.budget_from is not None and g.method != NONE:
+        raise GrowrunError(f"trainer.budget_from={cfg.trainer.budget_from}: only for a fixed network (growth=none; "
+                           f"here growth.method={g.method}); the growing runs are the budget's source")
+    if cfg.trainer.budget_from is not None and cfg.trainer.budget_flops is not None:
+        raise GrowrunError(f"trainer.budget_from={cfg.trainer.budget_from}: not with trainer.budget_flops="
+                           f"{cfg.trainer.budget_flops:g}; give one of them")
     if g.method != NONE:
         _check_method(cfg)
     if g.normalize == "mean_norm" and g.apply_dw:

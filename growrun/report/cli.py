@@ -73,6 +73,7 @@ def report_main(argv: list[str]) -> int:
         raise GrowrunError(f"--out {out}: exists and is not a directory; give a directory")
 
     from growrun.report.compute import add_compute
+    from growrun.report.equal import pair_runs, warnings
     from growrun.report.plots import build_plots
     from growrun.report.render import markdown_table, report_csv, report_markdown
     from growrun.report.runs import load_runs
@@ -81,10 +82,11 @@ def report_main(argv: list[str]) -> int:
     runs = load_runs(dirs)
     add_compute(runs)
     keys, groups = group_runs(runs)
+    pairs = pair_runs(groups)
     images, plots, skipped = build_plots(groups)
     files = {
-        "report.md": report_markdown([str(d) for d in dirs], runs, keys, groups, plots, skipped).encode(),
-        "report.csv": report_csv(keys, groups).encode(),
+        "report.md": report_markdown([str(d) for d in dirs], runs, keys, groups, plots, skipped, pairs).encode(),
+        "report.csv": report_csv(keys, groups, pairs).encode(),
         **images,
     }
     try:
@@ -96,7 +98,9 @@ def report_main(argv: list[str]) -> int:
         raise GrowrunError(f"--out {out}: cannot write the report ({ex.strerror or ex})") from ex
 
     bad = [r for r in runs if not r.ok]
-    print(markdown_table(keys, groups) if groups else "no completed run: nothing to tabulate")
+    print(markdown_table(keys, groups, pairs) if groups else "no completed run: nothing to tabulate")
+    for line in warnings(pairs):
+        print(line)
     for r in bad:
         print(f"not included: {r.name}: {r.reason}")
     for path in written:

@@ -6,8 +6,8 @@ of every image seen at the width it was seen at (3 x the forward FLOPs per image
 growth events' statistics passes and line searches (growrun.train.trainer,
 growrun.train.events.compute). Evaluation is not counted.
 
-The reference is the group of fixed networks (growth.method=none; of several, the one with
-the most parameters). For each group and fraction f in FRACTIONS, a run's compute to reach f is
+The reference is the group of fixed networks (growth.method=none, trained for epochs, not for a
+budget; of several, the one with the most parameters). For each group and fraction f in FRACTIONS, a run's compute to reach f is
 its compute at the first evaluated epoch whose test accuracy is >= f x the reference's mean
 final test accuracy; the group's value is the mean over the runs that reach it (how many did is
 shown), and the ratio divides it by the reference's own value.
@@ -32,7 +32,10 @@ def add_compute(runs: list[Run]) -> None:
 
 
 def reference_group(groups: list[Group]) -> Group | None:
-    fixed = [g for g in groups if g.methods == ["none"] and g.stats["final_test_acc"].mean is not None]
+    from growrun.report.equal import is_equal_compute
+
+    fixed = [g for g in groups if g.methods == ["none"] and g.stats["final_test_acc"].mean is not None
+             and not any(is_equal_compute(r) for r in g.runs)]
     return max(fixed, key=lambda g: g.stats["params"].mean or 0) if fixed else None
 
 

@@ -76,8 +76,10 @@ def acc_vs_time(groups: list[Group]):
 
 def acc_vs_compute(groups: list[Group]):
     """Mean curve per group (mean compute and accuracy per epoch over its seeds), bold; each
-    seed faint behind it; log compute axis."""
+    seed faint behind it; a group of fixed runs at equal compute (growrun.report.equal) as stars at
+    each run's end; log compute axis."""
     from growrun.report.compute import mean_curve
+    from growrun.report.equal import final_compute, is_equal_compute
 
     curves = [(i, g, mean_curve(g)) for i, g in enumerate(groups)]
     curves = [(i, g, pts) for i, g, pts in curves if pts]
@@ -86,6 +88,11 @@ def acc_vs_compute(groups: list[Group]):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, g, pts in curves:
+        if all(is_equal_compute(r) for r in g.runs):  # fixed runs at a grown run's compute: their end points
+            ends = [(final_compute(r), 100 * r.metrics[-1]["test_acc"]) for r in g.runs]
+            ax.scatter(*zip(*ends), color=_colour(i), marker="*", s=90, zorder=3,
+                       label=f"{g.short_label} (end of each of {len(g.runs)})")
+            continue
         for run in g.runs:
             seed = [(r["compute"], 100 * r["test_acc"]) for r in run.metrics
                     if r.get("compute") is not None and r.get("test_acc") is not None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 
-from growrun.report import compute
+from growrun.report import compute, equal
 from growrun.report.reference import REFERENCE_NOTE, REFERENCES, SOURCE, rule_text
 from growrun.report.runs import Run
 from growrun.report.table import METRICS, Group, Stat
@@ -25,6 +25,7 @@ COLUMNS = [  # (metric, markdown header, formatter of one number)
     ("growth_share", "growth share (%)", lambda v: f"{100 * v:.1f}"),
 ]
 PAPER_HEADER = "paper (%)†"
+EQUAL_HEADER = "Δ vs fixed @ equal compute (pp)"
 
 
 def si(v: float) -> str:
@@ -44,13 +45,17 @@ def _escape(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def markdown_table(keys: list[str], groups: list[Group]) -> str:
+def markdown_table(keys: list[str], groups: list[Group], pairs: dict | None = None) -> str:
+    """pairs: growrun.report.equal.pair_runs (a column of differences to the fixed network at equal
+    compute when any)."""
     paper = any(g.reference is not None for g in groups)
     header = [*(keys or ["group"]), "method", "n", "seeds"]
     for metric, title, _ in COLUMNS:
         header.append(title)
         if metric == "final_test_acc" and paper:
             header.append(PAPER_HEADER)
+        if metric == "final_test_acc" and pairs:
+            header.append(EQUAL_HEADER)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for g in groups:
         row = [*(g.key[k] for k in keys)] if keys else [g.label]
@@ -59,12 +64,14 @@ def markdown_table(keys: list[str], groups: list[Group]) -> str:
             row.append(cell(g.stats[metric], fmt))
             if metric == "final_test_acc" and paper:
                 row.append(g.reference.text() if g.reference else "")
+            if metric == "final_test_acc" and pairs:
+                row.append(equal.cell(pairs.get(g.label)) if g.label in pairs else "")
         lines.append("| " + " | ".join(_escape(c) for c in row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def report_markdown(sources: list[str], runs: list[Run], keys: list[str], groups: list[Group],
-                    plots: list[tuple[str, str]], skipped: list[str]) -> str:
+                    plots: list[tuple[str, str]], skipped: list[str], pairs: dict | None = None) -> str:
     bad = [r for r in runs if not r.ok]
     out = ["# growrun report", ""]
     out.append(f"Sources: {', '.join(f'`{s}`' for s in sources)}. Runs: {len(runs)} found, "
@@ -78,7 +85,7 @@ def report_markdown(sources: list[str], runs: list[Run], keys: list[str], groups
                    "group, averaged over seeds.")
     out += ["", "## Results", ""]
     if groups:
-        out.append(markdown_table(keys, groups))
+        out.append(markdown_table(keys, groups, pairs))
         out.append("Mean ± sample standard deviation (n − 1) over the runs of a group; — when a group has "
                    "one run. Final = last epoch, best = best epoch of each run; params, FLOPs and wall "
                    "time at the end of the run; growth share = time spent in growth events / wall time.")
@@ -86,6 +93,8 @@ def report_markdown(sources: list[str], runs: list[Run], keys: list[str], groups
         out.append("No run completed: nothing to tabulate.")
     out += ["", "## Compute", ""]
     out += compute.markdown(groups)
+    out += ["", "## Equal compute", ""]
+    out += equal.markdown(pairs or {})
     out += ["", "## Paper reference", ""]
     out += _reference_section(groups)
     out += ["", "## Plots", ""]
@@ -116,11 +125,15 @@ def _reference_section(groups: list[Group]) -> list[str]:
     return lines
 
 
-def report_csv(keys: list[str], groups: list[Group]) -> str:
+def report_csv(keys: list[str], groups: list[Group], pairs: dict | None = None) -> str:
+    """One row per group; equal_delta_*: final test accuracy minus the fixed network's at equal
+    compute (fractions), per seed as seed:value;..."""
+    pairs = pairs or {}
     header = [*keys, "group", "method", "n", "seeds", "runs"]
     for metric in METRICS:
         header += [f"{metric}_mean", f"{metric}_std", f"{metric}_n"]
     header += ["paper_reference", "paper_test_acc", "paper_test_acc_std"]
+    header += ["equal_delta_mean", "equal_delta_std", "equal_delta_n", "equal_delta_per_seed", "equal_budget_ratio"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -133,6 +146,10 @@ def report_csv(keys: list[str], groups: list[Group]) -> str:
         ref = g.reference
         row += [ref.label if ref else "", _raw(ref.acc / 100 if ref else None),
                 _raw(ref.std / 100 if ref and ref.std is not None else None)]
+        d = pairs.get(g.label)
+        row += [_raw(d.mean if d else None), _raw(d.std if d else None), len(d.pairs) if d else 0,
+                ";".join(f"{p.grown.seed}:{p.delta!r}" for p in d.pairs) if d else "",
+                ";".join(repr(1 + p.mismatch) for p in d.pairs) if d else ""]
         writer.writerow(row)
     return buf.getvalue()
 

@@ -37,6 +37,7 @@ class Run:
     metrics: list[dict[str, float | None]] = field(default_factory=list)
     growth: list[dict[str, object]] | None = None  # None: no growth.csv
     summary: dict | None = None
+    budget: dict | None = None  # budget.json of a run with a compute budget (growrun.train.budget)
 
     @property
     def ok(self) -> bool:
@@ -115,6 +116,12 @@ def read_run(path: Path, name: str = "") -> Run:
         run.metrics = [{k: _number(v) for k, v in row.items()} for row in _read_csv(path / "metrics.csv")]
     except (OSError, ValueError, csv.Error) as ex:
         problems.append(f"unreadable metrics.csv ({_short(ex)})")
+    try:
+        run.budget = json.loads((path / "budget.json").read_text())
+    except FileNotFoundError:
+        run.budget = None
+    except (OSError, ValueError) as ex:
+        problems.append(f"unreadable budget.json ({_short(ex)})")
     growth_csv = path / "growth.csv"
     if growth_csv.exists():
         try:

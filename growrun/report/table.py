@@ -33,6 +33,7 @@ IGNORED_KEYS = {"seed", "resume", "dataset.root", "dataset.download", "dataset.v
 IGNORED_PREFIXES = ("hydra.", "hydra/")
 DEFAULT = "(default)"
 NOT_APPLICABLE = "n/a"
+BUDGET_FROM = "trainer.budget_from"  # a fixed run at a grown run's compute: grouped by its source's group
 METRICS = ["final_test_acc", "best_test_acc", "growth_end_acc", "params", "flops_per_image", "wall_seconds", "growth_share"]
 
 
@@ -53,7 +54,8 @@ class Group:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.key.items()) or "all runs"
+        return ", ".join(f"{k}={v}" for k, v in self.key.items() if not (k == BUDGET_FROM and v == "null")) \
+            or "all runs"
 
     @property
     def short_label(self) -> str:
@@ -133,12 +135,30 @@ def group_runs(runs: list[Run]) -> tuple[list[str], list[Group]]:
     ok = [r for r in runs if r.ok]
     keys = swept_keys(ok)
     groups: dict[tuple, Group] = {}
-    for run in ok:
-        value = tuple(key_value(run, k) for k in keys)
+    paired = [r for r in ok if _budget_sources(r)]
+    for run in [r for r in ok if not _budget_sources(r)] + paired:
+        value = tuple(_source_label(run, groups.values(), keys) if k == BUDGET_FROM else key_value(run, k)
+                      for k in keys)
         groups.setdefault(value, Group(key=dict(zip(keys, value)), runs=[])).runs.append(run)
     for group in groups.values():
         summarise(group)
     return keys, list(groups.values())
+
+
+def _budget_sources(run: Run) -> list[str]:
+    return list((run.budget or {}).get("sources") or []) if run.method == "none" else []
+
+
+def _source_label(run: Run, groups, keys: list[str]) -> str:
+    """trainer.budget_from's value for grouping: "= <the group of its source runs>" when they are
+    among the runs reported (so the fixed runs at the compute of one grown group, one per seed,
+    form one group), else the path given."""
+    sources = set(_budget_sources(run))
+    labels = {", ".join(f"{k}={v}" for k, v in g.key.items() if k != BUDGET_FROM) or "all runs"
+              for g in groups if sources & {str(r.path.resolve()) for r in g.runs}}
+    if len(labels) == 1 and sources <= {str(r.path.resolve()) for g in groups for r in g.runs}:
+        return f"= {labels.pop()}"
+    return key_value(run, BUDGET_FROM)
 
 
 def run_values(run: Run) -> dict[str, float | None]:

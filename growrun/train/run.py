@@ -29,7 +29,7 @@ from growrun.data import load_data
 from growrun.errors import Diverged, GrowrunError, Interrupted
 from growrun.models import build_model, count_flops, count_params, full_site_widths, initial_arch
 from growrun.train import distributed, runtime
-from growrun.train.budget import plan_budget
+from growrun.train.budget import plan_budget, resolve_budget
 from growrun.train.optim import build_optimizer, build_scheduler
 from growrun.train.outputs import CsvLog, disk_error, has_checkpoint, load_checkpoint, save_checkpoint, write_summary
 from growrun.train.safety import RunLock, StopSignals, check_resume_config
@@ -145,7 +145,8 @@ class _Session:
         optimizer = build_optimizer(self.model, cfg.optim)
         steps = _steps_per_epoch(len(self.data.train.labels), t.batch_size)
         _plan_epochs(cfg, self.data, steps)
-        max_steps = plan_budget(cfg, self.model, self.data.input_shape, steps)  # trainer.budget_flops
+        budget = resolve_budget(cfg, run_dir, dist.is_main)  # trainer.budget_flops / budget_from
+        max_steps = plan_budget(cfg, budget, self.model, self.data.input_shape, steps)
         check_growth(cfg, self.data.num_classes, self.data.input_shape, steps)  # exact: the real data's sizes
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs, max_steps)
         growth = _make_growth(cfg, run_dir, self.model, steps, self.data, dist)
