@@ -110,7 +110,8 @@ def test_report_pairs_each_grown_run_with_its_fixed_run(study):
         if off:
             assert f"{100 * ratio:.1f} % of the grown run's compute" in warned[0]
     # each seed-0 fixed run is grouped under its source's group; the sweep-mean one under the path given
-    fixed = {r["trainer.budget_from"]: int(r["n"]) for r in rows(root / "report" / "report.csv") if r["method"] == "none"}
+    fixed = {r["trainer.budget_from"]: int(r["n"]) for r in rows(root / "report" / "report.csv")
+             if r["method"] == "none"}
     same = "model.start_fraction=0.25, growth.dt=1.0, growth.target_fraction=1.0, growth.steps=2"
     assert fixed == {f"= {same}, growth=random": 1, f"= {same}, growth=zero": 1, str(root / "grown"): 1}
     assert "## Equal compute" in (root / "report" / "report.md").read_text()
@@ -165,7 +166,8 @@ def test_budget_sources_that_cannot_mean_equal_compute_are_refused(tmp_path, stu
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["growth=random", *GROWN, "trainer.budget_from=x"], "only for a fixed network (growth=none; here growth.method=random)"),
+    (["growth=random", *GROWN, "trainer.budget_from=x"],
+     "only for a fixed network (growth=none; here growth.method=random)"),
     (["growth=none", "trainer.budget_from=x", "trainer.budget_flops=1e9"], "not with trainer.budget_flops=1e+09"),
 ])
 def test_budget_from_is_refused_with_growth_or_with_a_budget(tmp_path, run_cli, overrides, words):

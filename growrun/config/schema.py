@@ -65,6 +65,9 @@ class OptimConfig:
     decay_norm_and_bias: bool = False  # apply weight decay to BatchNorm and bias parameters too
     schedule: str = choices("cosine", "cosine", "step", "constant")
     warmup_epochs: float = bounded(0.0, 0.0)  # linear warm-up from 0, per step
+    # the clock of the decay (cosine, step): optimizer steps, or the planned training FLOPs
+    # (a growing run's cheap early steps move it less); train/optim.py, train/compute_plan.py
+    schedule_over: str = choices("steps", "steps", "compute")
     min_lr_ratio: float = bounded(0.0, 0.0, 1.0)  # cosine floor, as a fraction of lr
     milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of the run
     step_gamma: float = bounded(0.1, 0.0, 1.0, lo_open=True)

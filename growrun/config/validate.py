@@ -58,6 +58,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.budget_from is not None and cfg.trainer.budget_flops is not None:
         raise GrowrunError(f"trainer.budget_from={cfg.trainer.budget_from}: not with trainer.budget_flops="
                            f"{cfg.trainer.budget_flops:g}; give one of them")
+    if cfg.optim.schedule_over == "compute" and g.method != NONE and (g.sites == "best_gain" or g.when != "schedule"):
+        raise GrowrunError(f"optim.schedule_over=compute: needs the growth plan, which growth.sites={g.sites} / "
+                           f"growth.when={g.when} leave to training; use growth.sites=all|round_robin with "
+                           "growth.when=schedule, or optim.schedule_over=steps")
     if g.method != NONE:
         _check_method(cfg)
     if g.normalize == "mean_norm" and g.apply_dw:

@@ -9,6 +9,7 @@ Pure functions of the growth config (configs/growth/*.yaml, schema GrowthConfig)
     affordable       how many neurons growth.param_budget still allows at a site
     neuron_count     requested_count capped by affordable
     draw_sizes       the statistics and line-search draws, shrunk to fit a small training set
+    planned_trajectory the site widths after each planned event (sites=all|round_robin)
     planned_epochs   trainer.epochs for growth.extra_epochs: the epoch of the last planned
                      to_target event, plus extra_epochs
     growth_blocker   why a configuration can never grow (no event, no site below its target, no
@@ -120,6 +121,27 @@ def draw_sizes(n_train: int, samples: int, search: int) -> tuple[int, int]:
     n_search = round(n_train * search / (samples + search))
     n_search = min(n_train - MIN_DRAW, max(MIN_DRAW, n_search))
     return n_train - n_search, n_search
+
+
+def planned_trajectory(cfg, start: dict[str, int], targets: dict[str, int]) -> list[dict[str, int]]:
+    """The site widths after each planned growth event, until every site reaches its target:
+    requested_count neurons per chosen site (sites=all: every site below its target; round_robin:
+    one in turn). The plan of growth.when=schedule and sites=all|round_robin; what growth then
+    adds may fall short of it (a rank-deficient solve, growth.param_budget)."""
+    if cfg.sites not in ("all", "round_robin") or cfg.when != "schedule":
+        raise GrowrunError(f"growth.sites={cfg.sites}, growth.when={cfg.when}: the widths after each event are "
+                           "decided during training; a plan needs growth.sites=all|round_robin and "
+                           "growth.when=schedule")
+    names, widths, turn, plan = list(start), dict(start), 0, []
+    while True:
+        pending = [n for n in names if widths[n] < targets[n]]
+        chosen = pick_sites(cfg.sites, pending, names, turn)
+        if not chosen:
+            return plan
+        for n in chosen:
+            widths[n] += requested_count(cfg, widths[n], start[n], targets[n])
+        turn = (names.index(chosen[0]) + 1) % len(names)
+        plan.append(dict(widths))
 
 
 def planned_events(cfg, start: dict[str, int], targets: dict[str, int]) -> int:

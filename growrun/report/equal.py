@@ -119,9 +119,10 @@ def warnings(table: dict[str, Deltas]) -> list[str]:
         off = [p for p in d.pairs if p.unequal]
         if off:
             worst = max(off, key=lambda p: abs(p.mismatch))
+            share = 100 * (1 + worst.mismatch)
             lines.append(f"warning: {label}: {len(off)} of {len(d.pairs)} comparisons at equal compute mix budgets "
-                         f"(worst: seed {worst.grown.seed}, the fixed run's compute is {100 * (1 + worst.mismatch):.1f} % of "
-                         f"the grown run's compute; tolerance ±{100 * TOLERANCE:g} %)")
+                         f"(worst: seed {worst.grown.seed}, the fixed run's compute is {share:.1f} % of the grown "
+                         f"run's compute; tolerance ±{100 * TOLERANCE:g} %)")
         if d.unpaired:
             seeds = ", ".join(str(r.seed) for r in d.unpaired)
             lines.append(f"warning: {label}: no fixed run at equal compute for seed {seeds}")

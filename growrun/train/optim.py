@@ -7,13 +7,18 @@ optimizer whose state_dict loads position by position, grown parameters included
 
 The schedule is a LambdaLR stepped once per batch:
     warm-up   lr * (s + 1) / W                        for s < W = warmup_epochs * steps/epoch
-    cosine    lr * (r + (1 - r) * (1 + cos(pi t)) / 2) t = (s - W) / (T - W), r = min_lr_ratio
-    step      lr * step_gamma ** (number of milestones m * T passed)
+    cosine    lr * (r + (1 - r) * (1 + cos(pi t)) / 2) t = (c(s) - c(W)) / (c(T) - c(W)),
+                                                       r = min_lr_ratio
+    step      lr * step_gamma ** (number of milestones m with c(s) >= m * c(T))
     constant  lr
+with T the run's steps and c the schedule's clock: optim.schedule_over=steps, c(s) = s;
+optim.schedule_over=compute, c(s) = the planned training FLOPs of the first s steps
+(growrun.train.compute_plan: a growing run's cheap early steps then move the schedule less).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,22 +39,27 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name={cfg.name}")
 
 
-def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int) -> float:
+def _steps(s: int) -> int:
+    return s
+
+
+def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int, clock: Callable[[int], int] = _steps) -> float:
     """The multiplier of cfg.lr at optimizer step `step` (0-based) of a run of total_steps."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "cosine":
-        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        t = min(1.0, (clock(step) - clock(warmup)) / max(1, clock(total_steps) - clock(warmup)))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "step":
-        passed = sum(step >= m * total_steps for m in cfg.milestones)
+        passed = sum(clock(step) >= m * clock(total_steps) for m in cfg.milestones)
         return cfg.step_gamma ** passed
     return 1.0
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int,
-                    total_steps: int | None = None) -> LambdaLR:
-    """total_steps: the run's steps when not epochs x steps_per_epoch (trainer.budget_flops)."""
+                    total_steps: int | None = None, clock: Callable[[int], int] = _steps) -> LambdaLR:
+    """total_steps: the run's steps when not epochs x steps_per_epoch (trainer.budget_flops);
+    clock: the schedule's clock (growrun.train.compute_plan for optim.schedule_over=compute)."""
     total = max(1, steps_per_epoch * epochs if total_steps is None else total_steps)
-    return LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch))
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch, clock))
