@@ -78,4 +78,11 @@ def test_compute_to_reach_the_reference(tmp_path):
     assert report_main([str(tmp_path / "ref"), str(tmp_path / "grown"), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## Compute" in text and "275 (2/2) | 0.31" in text
+    # wall time and training FLOP rate side by side: train_flops / (wall - growth seconds), mean of the runs
+    grown_rows = [_rows(tmp_path / "grown" / str(seed) / "metrics.csv") for seed in (0, 1)]
+    walls = [float(r[-1]["total_seconds"]) for r in grown_rows]
+    rates = [float(r[-1]["train_flops"]) / (float(r[-1]["total_seconds"]) - sum(float(x["growth_seconds"]) for x in r))
+             for r in grown_rows]
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {grown} |"))
+    assert f"| {sum(walls) / 2:.0f} | {sum(rates) / 2:.3g} |" in line
     assert (tmp_path / "out" / "acc_vs_compute.png").read_bytes()[:4] == b"\x89PNG"

@@ -83,6 +83,22 @@ def total_compute(group: Group) -> tuple[float | None, float | None]:
     return (statistics.mean(totals) if totals else None), (statistics.mean(shares) if shares else None)
 
 
+def training_rate(group: Group) -> tuple[float | None, float | None]:
+    """(mean wall seconds, mean training FLOP rate) over the group's runs: the rate is train_flops /
+    (wall seconds - growth seconds), so that narrow early widths' poor use of the machine shows
+    beside the FLOPs they save."""
+    walls, rates = [], []
+    for run in group.runs:
+        last = run.metrics[-1] if run.metrics else {}
+        total, train = last.get("total_seconds"), last.get("train_flops")
+        growth = sum(r.get("growth_seconds") or 0.0 for r in run.metrics)
+        if total:
+            walls.append(total)
+            if train is not None and total > growth:
+                rates.append(train / (total - growth))
+    return (statistics.mean(walls) if walls else None), (statistics.mean(rates) if rates else None)
+
+
 def mean_curve(group: Group) -> list[tuple[float, float]]:
     """(mean compute, mean test accuracy) per epoch over the runs that evaluated that epoch."""
     by_epoch: dict[float, list[tuple[float, float]]] = {}
@@ -100,7 +116,9 @@ def markdown(groups: list[Group]) -> list[str]:
         return ["No run logged its compute (train_flops / growth_flops: runs of an older growrun)."]
     reference = reference_group(groups)
     lines = ["Compute = training FLOPs (3 x forward FLOPs per image seen, at the width it was seen at) + growth "
-             "FLOPs (statistics passes, BatchNorm moments, line searches); evaluation not counted.", ""]
+             "FLOPs (statistics passes, BatchNorm moments, line searches); evaluation not counted. Training FLOP/s "
+             "= training FLOPs / (wall time - growth time): a narrow network uses the machine less well, so its "
+             "saved FLOPs save less wall time.", ""]
     if reference is None:
         lines.append("No group of fixed networks (growth.method=none) to compare against: totals only.")
     else:
@@ -109,7 +127,7 @@ def markdown(groups: list[Group]) -> list[str]:
                      "fraction of it: mean over the runs that reach it (reached / runs), and the ratio to the "
                      "reference's own compute to reach it.")
     lines.append("")
-    header = ["group", "compute (FLOPs)", "growth share"]
+    header = ["group", "compute (FLOPs)", "growth share", "wall time (s)", "training FLOP/s"]
     reach = reach_table(groups, reference) if reference else {}
     if reference:
         for f in FRACTIONS:
@@ -117,7 +135,9 @@ def markdown(groups: list[Group]) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         total, share = total_compute(g)
-        row = [g.label, _si(total), "—" if share is None else f"{100 * share:.1f} %"]
+        wall, rate = training_rate(g)
+        row = [g.label, _si(total), "—" if share is None else f"{100 * share:.1f} %",
+               "—" if wall is None else f"{wall:.0f}", _si(rate)]
         for f in FRACTIONS if reference else ():
             r = reach[g.label][f]
             row += [f"{_si(r.mean)} ({r.reached}/{r.runs})", "—" if r.ratio is None else f"{r.ratio:.2f}"]

@@ -1,0 +1,144 @@
+"""Results as data: one committed row per finished run, and the table made from those rows.
+
+    python scripts/results.py add results/STUDY/runs.csv ARM RUN_DIR [RUN_DIR ...] [--equal ARM]
+        --commit SHA
+    python scripts/results.py table results/STUDY/runs.csv [--reference ARM] [--write results/STUDY/README.md]
+
+`add` reads each run directory (summary.json, metrics.csv, .hydra/config.yaml) and writes its row
+(replacing a row of the same arm and seed): final and best test accuracy, compute (train_flops +
+growth_flops), wall and growth seconds, the commit and this machine (growrun.machine), and --equal:
+the arm of the fixed runs at this arm's compute, paired by seed. `table` prints, per arm, mean ±
+sample std over seeds of the final accuracy, compute and wall time, the difference to the
+equal-compute arm per seed (grown - fixed, points), and against --reference (the fixed network
+trained for its full length): accuracy and compute as a share of its means. With --write, the
+table replaces the lines between `<!-- table -->` and `<!-- /table -->` of that file, so the
+published table is always the one the rows give.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+COLUMNS = ["arm", "seed", "final_test_acc", "best_test_acc", "compute", "train_flops", "growth_flops",
+           "wall_seconds", "growth_seconds", "epochs", "steps", "equal_arm", "run", "commit", "machine"]
+
+
+def run_row(arm: str, run: Path, equal: str, commit: str, machine: str) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    if summary.get("status") != "completed":
+        raise SystemExit(f"{run}: status {summary.get('status')}, not completed; only finished runs are rows")
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    with open(run / "metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    train, growth = float(last["train_flops"]), float(last["growth_flops"])
+    return {"arm": arm, "seed": config["seed"], "final_test_acc": float(last["test_acc"]),
+            "best_test_acc": summary["best_test_acc"], "compute": train + growth, "train_flops": train,
+            "growth_flops": growth, "wall_seconds": float(last["total_seconds"]),
+            "growth_seconds": summary["growth_seconds"], "epochs": summary["epochs_done"], "steps": summary["step"],
+            "equal_arm": equal, "run": run.name, "commit": commit, "machine": machine}
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def add(args) -> None:
+    from growrun.machine import describe
+
+    machine = describe()
+    text = f"{machine['cpu']}, {machine['cores']} cores, {machine['aten_cpu_capability']}"
+    rows = read_rows(args.rows)
+    for run in args.runs:
+        new = run_row(args.arm, run, args.equal or "", args.commit, text)
+        rows = [r for r in rows if (r["arm"], str(r["seed"])) != (new["arm"], str(new["seed"]))] + [new]
+    rows.sort(key=lambda r: (r["arm"], int(r["seed"])))
+    args.rows.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.rows, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "—"
+    mean = statistics.mean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else None
+    return f"{mean:.{digits}f} ± {'—' if std is None else f'{std:.{digits}f}'}"
+
+
+def table(rows: list[dict], reference: str | None) -> str:
+    arms: dict[str, list[dict]] = {}
+    for r in rows:
+        arms.setdefault(r["arm"], []).append(r)
+    ref = arms.get(reference or "", [])
+    ref_acc = statistics.mean(float(r["final_test_acc"]) for r in ref) if ref else None
+    ref_compute = statistics.mean(float(r["compute"]) for r in ref) if ref else None
+    head = ["arm", "n", "seeds", "final test acc (%)", "Δ vs fixed @ equal compute (pp), per seed",
+            "compute (TFLOPs)", "wall time (s)"]
+    if ref:
+        head += [f"acc / {reference}", f"compute / {reference}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, rs in arms.items():
+        accs = [float(r["final_test_acc"]) for r in rs]
+        computes = [float(r["compute"]) for r in rs]
+        deltas = []
+        fixed = {str(r["seed"]): float(r["final_test_acc"]) for r in arms.get(rs[0]["equal_arm"], [])}
+        for r in rs:
+            if str(r["seed"]) in fixed:
+                deltas.append((r["seed"], float(r["final_test_acc"]) - fixed[str(r["seed"])]))
+        delta = "—" if not deltas else (f"{_ms([d for _, d in deltas], 100)} ("
+                                        + ", ".join(f"s{s} {100 * d:+.2f}" for s, d in deltas) + ")")
+        cells = [arm, str(len(rs)), ",".join(str(r["seed"]) for r in rs), _ms(accs, 100), delta,
+                 _ms(computes, 1e-12), _ms([float(r["wall_seconds"]) for r in rs], 1, 0)]
+        if ref:
+            cells += [f"{100 * statistics.mean(accs) / ref_acc:.1f} %", f"{100 * statistics.mean(computes) / ref_compute:.1f} %"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    content = path.read_text()
+    start, end = "<!-- table -->", "<!-- /table -->"
+    if start not in content or end not in content:
+        raise SystemExit(f"{path}: has no {start} ... {end} lines to replace")
+    before, rest = content.split(start, 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(f"{before}{start}\n{text}{end}{after}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("add")
+    a.add_argument("rows", type=Path)
+    a.add_argument("arm")
+    a.add_argument("runs", type=Path, nargs="+")
+    a.add_argument("--equal", default="")
+    a.add_argument("--commit", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("rows", type=Path)
+    t.add_argument("--reference")
+    t.add_argument("--write", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "add":
+        add(args)
+        return 0
+    text = table(read_rows(args.rows), args.reference)
+    if args.write:
+        write_between_markers(args.write, text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
