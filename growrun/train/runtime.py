@@ -44,7 +44,7 @@ def memory_format(channels_last, device: torch.device) -> torch.memory_format:
 def deterministic_mode(setting, device: torch.device) -> bool:
     """trainer.deterministic: true / false, or auto: true on the CPU (where it costs little and
     a resumed run is the uninterrupted one bit for bit), false on CUDA (cuDNN's autotuner picks
-    the fastest kernels, which may differ from run to run; see README, GPU)."""
+    the fastest kernels, which may differ from run to run; see docs/options.md, Numerics)."""
     if setting == "auto":
         return device.type != "cuda"
     return bool(setting)
