@@ -259,6 +259,48 @@ def test_lanczos_matches_eigh():
     assert float(lam[4]) == 0.0
 
 
+@pytest.mark.parametrize("exact_dim", [160, 0], ids=["exact", "lanczos"])
+def test_ranks_partial_sums_give_one_process_eigenpairs(exact_dim):
+    """float32 statistics (as collected) split between two ranks, whose products are summed across
+    them (a fixed order, as all_reduce): every eigenpair and the selection equal one process's to
+    float64 rounding, not to float32's (the products and their sums are float64: a float32 sum's
+    rounding depends on its order, which differs between one process and ranks, and between AVX2
+    and AVX-512 kernels)."""
+    import threading
+
+    g = torch.Generator().manual_seed(3)
+    N, d, K = 600, 40, 8
+    X = torch.randn(N, d, generator=g)
+    C = torch.randn(N, K, generator=g) * torch.linspace(0.5, 1.5, K) + 0.05
+    kw = dict(iters=40, exact_dim=exact_dim, tol=1e-12, restarts=30)
+    lam1, v1, _ = splitting.min_eigenpairs(X, C, N, generator=torch.Generator().manual_seed(4), **kw)
+    assert lam1.dtype == torch.float64
+    halves, results, barrier, slots = [(X[:250], C[:250]), (X[250:], C[250:])], [None, None], \
+        threading.Barrier(2, timeout=60), [None, None]
+
+    def rank(r):
+        def reduce(tensors):
+            slots[r] = [t.clone() for t in tensors]
+            barrier.wait()
+            total = [a + b for a, b in zip(*slots)]
+            barrier.wait()
+            for t, s in zip(tensors, total):
+                t.copy_(s)
+        results[r] = splitting.min_eigenpairs(*halves[r], N, generator=torch.Generator().manual_seed(4),
+                                              reduce=reduce, **kw)
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results[0] is not None and results[1] is not None
+    for lam, v, _ in results:
+        torch.testing.assert_close(lam, lam1, rtol=1e-10, atol=1e-12)
+        assert bool(((v * v1).sum(1).abs() > 1 - 1e-10).all())
+        assert torch.equal(splitting.select(lam, 3), splitting.select(lam1, 3))
+
+
 # ---------------------------------------------------------------- (5) end to end
 
 BASE = [o for o in N2N_BASE if not o.startswith("growth=")] + ["growth=splitting"]

@@ -209,21 +209,26 @@ def collect(model, site: Site, batches, loss_fn: Callable, *, forward: Callable 
 def batch_std(z: torch.Tensor, reduce: Callable | None = None) -> torch.Tensor:
     """Per-column std (biased) of z (N, K); with reduce, of the rows of every rank together
     (two passes: the mean, then the mean squared deviation), as one process holding them all."""
+    z64 = z.double()  # sums in float64: the same to ~1e-16 whatever their order (one process or ranks)
     if reduce is None:
-        return z.std(0, unbiased=False)
-    total = torch.cat([z.sum(0), z.new_full((1,), z.shape[0])])
+        return z64.std(0, unbiased=False).to(z.dtype)
+    total = torch.cat([z64.sum(0), z64.new_full((1,), z.shape[0])])
     reduce([total])
     mean = total[:-1] / total[-1]
-    sq = ((z - mean) ** 2).sum(0)
+    sq = ((z64 - mean) ** 2).sum(0)
     reduce([sq])
-    return (sq / total[-1]).sqrt()
+    return (sq / total[-1]).sqrt().to(z.dtype)
 
 
 def min_eigenpairs(X, C, n, *, iters: int = DEFAULTS["iters"], exact_dim: int = EXACT_DIM, generator=None,
                    tol: float = 1e-2, restarts: int = 3,
                    reduce: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(lambda_min (K,), unit eigenvectors (K, d), flops) of every S_k (exact or Lanczos, module doc);
-    reduce(list of tensors): in-place sum over processes of the products (None: one process)."""
+    reduce(list of tensors): in-place sum over processes of the products (None: one process).
+    In float64 throughout (products, their sums across ranks, Lanczos): a float32 sum's rounding
+    depends on its order (one process, or ranks' partial sums; AVX2 or AVX-512 kernels), and the
+    eigenvectors and the line search after them would carry that difference into a decision."""
+    X, C = X.double(), C.double()
     N, d = X.shape
     K = C.shape[1]
     if d <= exact_dim:
