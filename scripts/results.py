@@ -1,24 +1,26 @@
 """Results as data: one committed row per finished run, and the table made from those rows.
 
     python scripts/results.py add results/STUDY/runs.csv ARM RUN_DIR [RUN_DIR ...] [--equal ARM]
-        --commit SHA
-    python scripts/results.py table results/STUDY/runs.csv [--reference ARM] [--write results/STUDY/README.md]
+        --commit SHA [--note TEXT]
+    python scripts/results.py tables [ROOT] [--check]
 
 `add` reads each run directory (summary.json, metrics.csv, .hydra/config.yaml) and writes its row
 (replacing a row of the same arm and seed): final and best test accuracy, compute (train_flops +
 growth_flops), wall and growth seconds, the commit and this machine (growrun.machine), and --equal:
-the arm of the fixed runs at this arm's compute, paired by seed. `table` prints, per arm, mean ±
+the arm of the fixed runs at this arm's compute, paired by seed. `tables` makes, per arm, mean ±
 sample std over seeds of the final accuracy, compute and wall time, the difference to the
-equal-compute arm per seed (grown - fixed, points), and against --reference (the fixed network
-trained for its full length): accuracy and compute as a share of its means. With --write, the
-table replaces the lines between `<!-- table -->` and `<!-- /table -->` of that file, so the
-published table is always the one the rows give.
+equal-compute arm per seed (grown - fixed, points), and against the reference arm (the fixed
+network trained for its full length): accuracy and compute as a share of its means. Where: every
+page under results/ (ROOT) with a `<!-- table rows=FILE [reference=ARM] -->` ... `<!-- /table -->`
+block gets the table of FILE (relative to the page) between those lines; --check compares instead
+of writing (the test suite runs it, so a published table cannot drift from its rows).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -26,10 +28,10 @@ from pathlib import Path
 import yaml
 
 COLUMNS = ["arm", "seed", "final_test_acc", "best_test_acc", "compute", "train_flops", "growth_flops",
-           "wall_seconds", "growth_seconds", "epochs", "steps", "equal_arm", "run", "commit", "machine"]
+           "wall_seconds", "growth_seconds", "epochs", "steps", "equal_arm", "run", "commit", "machine", "note"]
 
 
-def run_row(arm: str, run: Path, equal: str, commit: str, machine: str) -> dict:
+def run_row(arm: str, run: Path, equal: str, commit: str, machine: str, note: str = "") -> dict:
     summary = json.loads((run / "summary.json").read_text())
     if summary.get("status") != "completed":
         raise SystemExit(f"{run}: status {summary.get('status')}, not completed; only finished runs are rows")
@@ -41,7 +43,7 @@ def run_row(arm: str, run: Path, equal: str, commit: str, machine: str) -> dict:
             "best_test_acc": summary["best_test_acc"], "compute": train + growth, "train_flops": train,
             "growth_flops": growth, "wall_seconds": float(last["total_seconds"]),
             "growth_seconds": summary["growth_seconds"], "epochs": summary["epochs_done"], "steps": summary["step"],
-            "equal_arm": equal, "run": run.name, "commit": commit, "machine": machine}
+            "equal_arm": equal, "run": run.name, "commit": commit, "machine": machine, "note": note}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -58,7 +60,7 @@ def add(args) -> None:
     text = f"{machine['cpu']}, {machine['cores']} cores, {machine['aten_cpu_capability']}"
     rows = read_rows(args.rows)
     for run in args.runs:
-        new = run_row(args.arm, run, args.equal or "", args.commit, text)
+        new = run_row(args.arm, run, args.equal or "", args.commit, text, args.note)
         rows = [r for r in rows if (r["arm"], str(r["seed"])) != (new["arm"], str(new["seed"]))] + [new]
     rows.sort(key=lambda r: (r["arm"], int(r["seed"])))
     args.rows.parent.mkdir(parents=True, exist_ok=True)
@@ -106,14 +108,33 @@ def table(rows: list[dict], reference: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_between_markers(path: Path, text: str) -> None:
-    content = path.read_text()
-    start, end = "<!-- table -->", "<!-- /table -->"
-    if start not in content or end not in content:
-        raise SystemExit(f"{path}: has no {start} ... {end} lines to replace")
-    before, rest = content.split(start, 1)
-    after = rest.split(end, 1)[1]
-    path.write_text(f"{before}{start}\n{text}{end}{after}")
+MARKER = re.compile(r"<!-- table rows=(?P<rows>\S+)(?: reference=(?P<ref>\S+))? -->\n(?P<body>.*?)<!-- /table -->",
+                    re.S)
+
+
+def render(page: Path) -> str:
+    """The page with every marked table regenerated from its rows file (relative to the page)."""
+    def one(m: re.Match) -> str:
+        text = table(read_rows(page.parent / m["rows"]), m["ref"])
+        return m.group(0).replace(m["body"], text, 1) if m["body"] else m.group(0).replace("-->\n", "-->\n" + text, 1)
+    return MARKER.sub(one, page.read_text())
+
+
+def tables(root: Path, check: bool) -> int:
+    """Regenerate (or with check, compare) every marked table of the .md pages under root."""
+    stale = []
+    for page in sorted(root.rglob("*.md")):
+        text = page.read_text()
+        if not MARKER.search(text):
+            continue
+        new = render(page)
+        if new != text:
+            stale.append(page)
+            if not check:
+                page.write_text(new)
+    for page in stale:
+        print(f"{page}: {'differs from its rows' if check else 'table regenerated'}")
+    return 1 if check and stale else 0
 
 
 def main(argv: list[str]) -> int:
@@ -125,19 +146,15 @@ def main(argv: list[str]) -> int:
     a.add_argument("runs", type=Path, nargs="+")
     a.add_argument("--equal", default="")
     a.add_argument("--commit", required=True)
-    t = sub.add_parser("table")
-    t.add_argument("rows", type=Path)
-    t.add_argument("--reference")
-    t.add_argument("--write", type=Path)
+    a.add_argument("--note", default="", help="e.g. why its wall time is not comparable")
+    t = sub.add_parser("tables")
+    t.add_argument("root", type=Path, nargs="?", default=Path(__file__).resolve().parents[1] / "results")
+    t.add_argument("--check", action="store_true", help="exit 1 if a table differs from its rows; write nothing")
     args = parser.parse_args(argv)
     if args.command == "add":
         add(args)
         return 0
-    text = table(read_rows(args.rows), args.reference)
-    if args.write:
-        write_between_markers(args.write, text)
-    print(text, end="")
-    return 0
+    return tables(args.root, args.check)
 
 
 if __name__ == "__main__":
