@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_growth_training import compose_with
 
-from growrun import faults
+from helpers_interrupt import interrupted_at
 from growrun.errors import GrowrunError
 from growrun.models import build_model, count_flops, initial_arch
 from growrun.train import run as run_module
@@ -49,18 +49,8 @@ def test_a_budget_run_resumes_exactly_inside_its_partial_epoch(tmp_path, monkeyp
     args = (f"trainer.budget_flops={10.5 * per_step()}", "trainer.checkpoint_every=1")
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_module.run(compose_with(FIXED, *args), full)
-    original, calls = faults.reach, []
-
-    def stop_at_step_9(point):
-        calls.append(point)
-        if point == "step" and calls.count("step") == 9:
-            raise KeyboardInterrupt
-        original(point)
-
-    monkeypatch.setattr(faults, "reach", stop_at_step_9)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, "step", 9), pytest.raises(KeyboardInterrupt):
         run_module.run(compose_with(FIXED, *args), cut)
-    monkeypatch.setattr(faults, "reach", original)
     assert load_checkpoint(cut / "checkpoints" / "last.pt")[0]["trainer"]["step"] == 8
     run_module.run(compose_with(FIXED, *args, "resume=true"), cut)
     assert rows(cut / "metrics.csv") == rows(full / "metrics.csv")

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from helpers_interrupt import interrupted_at
 from hydra import compose, initialize_config_module
 
-from growrun import faults
 from growrun.config import store  # noqa: F401  (registers the schema train.yaml extends)
 from growrun.config.validate import validate
 from growrun.errors import GrowrunError
@@ -84,18 +84,8 @@ def test_the_schedule_over_steps_is_unchanged():
 def test_a_compute_schedule_resumes_exactly(tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_module.run(config("trainer.checkpoint_every=1"), full)
-    original, calls = faults.reach, []
-
-    def stop_at_step_7(point):
-        calls.append(point)
-        if point == "step" and calls.count("step") == 7:
-            raise KeyboardInterrupt
-        original(point)
-
-    monkeypatch.setattr(faults, "reach", stop_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, "step", 7), pytest.raises(KeyboardInterrupt):
         run_module.run(config("trainer.checkpoint_every=1"), cut)
-    monkeypatch.setattr(faults, "reach", original)
     run_module.run(config("trainer.checkpoint_every=1", "resume=true"), cut)
     assert rows(cut / "metrics.csv") == rows(full / "metrics.csv")
     a, b = (load_checkpoint(d / "checkpoints" / "last.pt")[0] for d in (full, cut))

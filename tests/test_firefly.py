@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from helpers_interrupt import summing_reduce
 
 from growrun.growth import firefly
 from growrun.growth.linesearch import at_gamma
@@ -174,14 +175,7 @@ def test_ranks_sharing_the_batches_keep_the_same_candidates():
     barrier, slots = threading.Barrier(2, timeout=120), [None, None]  # a rank that fails breaks it, no hang
 
     def reduce_of(rank):
-        def reduce(tensors):
-            slots[rank] = [t.clone() for t in tensors]
-            barrier.wait()
-            total = [a + b for a, b in zip(*slots)]
-            barrier.wait()
-            for t, s in zip(tensors, total):
-                t.copy_(s)
-        return reduce
+        return summing_reduce(slots, barrier, rank)
 
     results = [None, None]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from growrun import faults
+from helpers_interrupt import interrupted_at
 from growrun.growth.methods import EventContext, GrowthMethod, load
 from growrun.growth.surgery import candidate, fit_to_site, new_channel_moments
 from growrun.train.outputs import load_checkpoint
@@ -266,17 +266,8 @@ def test_an_interrupted_run_resumes_to_the_same_end(run_cli, runs, monkeypatch):
     full = trained(run_cli, runs, "full")
     root, _ = runs
     cut = root / "cut"
-    original, calls = faults.reach, []
-
-    def stop_in_second_event(point):
-        calls.append(point)
-        if point == "stats" and calls.count("stats") == 2:
-            raise KeyboardInterrupt
-        original(point)
-
-    monkeypatch.setattr(faults, "reach", stop_in_second_event)
-    proc = run_cli("train", *ARGS, f"hydra.run.dir={cut}", cwd=root)
-    monkeypatch.setattr(faults, "reach", original)
+    with interrupted_at(monkeypatch, "stats", 2):
+        proc = run_cli("train", *ARGS, f"hydra.run.dir={cut}", cwd=root)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert json.loads((cut / "summary.json").read_text())["status"] == "interrupted"
     state, _ = load_checkpoint(cut / "checkpoints" / "last.pt")

@@ -15,6 +15,7 @@ from torch import nn
 from growrun.growth import splitting
 from growrun.growth.methods import REGISTRY as METHODS
 from growrun.growth.site import Neurons, Site, frozen_bn_stats
+from helpers_interrupt import summing_reduce
 from test_growth_matrix import cli, read_csv, restore_torch_threads  # noqa: F401 (the CLI helper and the autouse fixture)
 from test_net2net import BASE as N2N_BASE, MLP, MLP_RUN, RESNET, RESNET_RUN, make
 
@@ -279,15 +280,8 @@ def test_ranks_partial_sums_give_one_process_eigenpairs(exact_dim):
         threading.Barrier(2, timeout=60), [None, None]
 
     def rank(r):
-        def reduce(tensors):
-            slots[r] = [t.clone() for t in tensors]
-            barrier.wait()
-            total = [a + b for a, b in zip(*slots)]
-            barrier.wait()
-            for t, s in zip(tensors, total):
-                t.copy_(s)
         results[r] = splitting.min_eigenpairs(*halves[r], N, generator=torch.Generator().manual_seed(4),
-                                              reduce=reduce, **kw)
+                                              reduce=summing_reduce(slots, barrier, r), **kw)
 
     threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
     for t in threads:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_growth_training import compose_cfg, read
 
-from growrun import faults
+from helpers_interrupt import interrupted_at
 from growrun.growth.stats import collect_statistics
 from growrun.growth.stats_training import TrainingStats, window_starts
 from growrun.models import build_model
@@ -96,18 +96,8 @@ def test_run_with_training_statistics_grows_and_resumes_inside_a_window(tmp_path
     rows = read(full / "growth.csv")
     assert rows and {int(r["samples"]) for r in rows} == {128}
     assert sum(int(r["added"]) for r in rows) > 0
-    original, calls = faults.reach, []
-
-    def stop_in_second_event(point):
-        calls.append(point)
-        if point == "stats" and calls.count("stats") == 2:
-            raise KeyboardInterrupt
-        original(point)
-
-    monkeypatch.setattr(faults, "reach", stop_in_second_event)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, "stats", 2), pytest.raises(KeyboardInterrupt):
         run_module.run(compose_cfg(*args), cut)
-    monkeypatch.setattr(faults, "reach", original)
     state, _ = load_checkpoint(cut / "checkpoints" / "last.pt")
     assert state["trainer"]["step"] == 5
     window = state["trainer"]["growth"]["window"]

@@ -23,12 +23,17 @@ from growrun.report.table import Group
 FRACTIONS = (0.95, 0.99)
 
 
+def row_compute(row: dict) -> float | None:
+    """train_flops + growth_flops of a metrics row (None when it lacks them)."""
+    train, growth = row.get("train_flops"), row.get("growth_flops")
+    return None if train is None or growth is None else train + growth
+
+
 def add_compute(runs: list[Run]) -> None:
-    """metrics rows gain "compute" (train_flops + growth_flops; None when a run lacks them)."""
+    """metrics rows gain "compute" (row_compute)."""
     for run in runs:
         for row in run.metrics:
-            train, growth = row.get("train_flops"), row.get("growth_flops")
-            row["compute"] = None if train is None or growth is None else train + growth
+            row["compute"] = row_compute(row)
 
 
 def reference_group(groups: list[Group]) -> Group | None:

@@ -16,6 +16,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from growrun.report.compute import row_compute
 from growrun.report.runs import Run
 from growrun.report.table import Group
 
@@ -58,9 +59,7 @@ def is_equal_compute(run: Run) -> bool:
 
 
 def final_compute(run: Run) -> float | None:
-    last = run.metrics[-1] if run.metrics else {}
-    train, growth = last.get("train_flops"), last.get("growth_flops")
-    return None if train is None or growth is None else train + growth
+    return row_compute(run.metrics[-1]) if run.metrics else None
 
 
 def pair_runs(groups: list[Group]) -> dict[str, Deltas]:

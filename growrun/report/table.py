@@ -136,9 +136,13 @@ def group_runs(runs: list[Run]) -> tuple[list[str], list[Group]]:
     keys = swept_keys(ok)
     groups: dict[tuple, Group] = {}
     paired = [r for r in ok if _budget_sources(r)]
-    for run in [r for r in ok if not _budget_sources(r)] + paired:
-        value = tuple(_source_label(run, groups.values(), keys) if k == BUDGET_FROM else key_value(run, k)
-                      for k in keys)
+    for run in [r for r in ok if not _budget_sources(r)]:
+        value = tuple(key_value(run, k) for k in keys)
+        groups.setdefault(value, Group(key=dict(zip(keys, value)), runs=[])).runs.append(run)
+    labels = {str(r.path.resolve()): ", ".join(f"{k}={v}" for k, v in g.key.items() if k != BUDGET_FROM)
+              or "all runs" for g in groups.values() for r in g.runs}  # each grown run's group, for its fixed runs
+    for run in paired:
+        value = tuple(_source_label(run, labels) if k == BUDGET_FROM else key_value(run, k) for k in keys)
         groups.setdefault(value, Group(key=dict(zip(keys, value)), runs=[])).runs.append(run)
     for group in groups.values():
         summarise(group)
@@ -149,15 +153,13 @@ def _budget_sources(run: Run) -> list[str]:
     return list((run.budget or {}).get("sources") or []) if run.method == "none" else []
 
 
-def _source_label(run: Run, groups, keys: list[str]) -> str:
+def _source_label(run: Run, labels: dict[str, str]) -> str:
     """trainer.budget_from's value for grouping: "= <the group of its source runs>" when they are
-    among the runs reported (so the fixed runs at the compute of one grown group, one per seed,
-    form one group), else the path given."""
-    sources = set(_budget_sources(run))
-    labels = {", ".join(f"{k}={v}" for k, v in g.key.items() if k != BUDGET_FROM) or "all runs"
-              for g in groups if sources & {str(r.path.resolve()) for r in g.runs}}
-    if len(labels) == 1 and sources <= {str(r.path.resolve()) for g in groups for r in g.runs}:
-        return f"= {labels.pop()}"
+    among the runs reported, all in one group (so the fixed runs at the compute of one grown group,
+    one per seed, form one group), else the path given."""
+    found = {labels.get(s) for s in _budget_sources(run)}
+    if len(found) == 1 and None not in found:
+        return f"= {found.pop()}"
     return key_value(run, BUDGET_FROM)
 
 

@@ -42,21 +42,10 @@ def budget_steps(budget: float, flops_per_step: int) -> int:
     return int(budget // flops_per_step)
 
 
-def read_summary(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {"status": "incomplete"}
-
-
-def sweep_runs(sweep: Path) -> list[Path]:
-    """The run directories of a sweep directory (those holding .hydra/config.yaml), in job order."""
-    runs = [p for p in sweep.iterdir() if (p / ".hydra" / "config.yaml").is_file()] if sweep.is_dir() else []
-    return sorted(runs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
-
-
 def run_compute(run_dir: Path) -> float | None:
     """A completed run's compute (train_flops + growth_flops of summary.json); None otherwise."""
+    from growrun.sweep import read_summary  # here, as config/rundir.py does: sweep sits above train
+
     summary = read_summary(run_dir)
     if summary.get("status") != "completed":
         return None
@@ -77,6 +66,8 @@ def run_seed_method(run_dir: Path) -> tuple[object, str]:
 
 def grown_runs(sweep: Path, seed) -> list[Path]:
     """The completed growing runs of a sweep directory with this seed (those with a compute)."""
+    from growrun.sweep import sweep_runs
+
     found = []
     for run in sweep_runs(sweep):
         run_seed, method = run_seed_method(run)
@@ -90,6 +81,8 @@ def budget_from(path: Path, seed) -> tuple[float, list[Path]]:
     key = f"trainer.budget_from={path}"
     if not path.is_dir():
         raise GrowrunError(f"{key}: no such directory; give a finished run's directory or a sweep directory")
+    from growrun.sweep import read_summary, sweep_runs
+
     if (path / ".hydra").is_dir():
         compute = run_compute(path)
         if compute is None:

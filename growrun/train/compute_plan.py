@@ -64,9 +64,9 @@ def clock(segments: list[tuple[int, int]]) -> Callable[[int], int]:
 def schedule_clock(cfg, num_classes: int, input_shape, steps_per_epoch: int, epochs: int):
     """The LR schedule's clock: steps, or planned compute (optim.schedule_over=compute)."""
     if cfg.optim.schedule_over != "compute":
-        from growrun.train.optim import _steps
+        from growrun.train.optim import by_steps
 
-        return _steps
+        return by_steps
     segments = planned_segments(cfg, num_classes, input_shape, steps_per_epoch, epochs)
     c = clock(segments)
     total = epochs * steps_per_epoch

@@ -39,11 +39,13 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name={cfg.name}")
 
 
-def _steps(s: int) -> int:
+def by_steps(s: int) -> int:
+    """The schedule clock of optim.schedule_over=steps: the step itself."""
     return s
 
 
-def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int, clock: Callable[[int], int] = _steps) -> float:
+def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int,
+              clock: Callable[[int], int] = by_steps) -> float:
     """The multiplier of cfg.lr at optimizer step `step` (0-based) of a run of total_steps."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
@@ -58,7 +60,7 @@ def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int, clock: Cal
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int,
-                    total_steps: int | None = None, clock: Callable[[int], int] = _steps) -> LambdaLR:
+                    total_steps: int | None = None, clock: Callable[[int], int] = by_steps) -> LambdaLR:
     """total_steps: the run's steps when not epochs x steps_per_epoch (trainer.budget_flops);
     clock: the schedule's clock (growrun.train.compute_plan for optim.schedule_over=compute)."""
     total = max(1, steps_per_epoch * epochs if total_steps is None else total_steps)
