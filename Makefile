@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(GROWRUN_DATA),$(HOME)/.cache/growrun-data)
 ARGS   ?=
 
-.PHONY: install test train bench gpu-check growth-share table1 methods figures clean
+.PHONY: install test test-fast train bench gpu-check growth-share table1 methods figures clean
 
 install: $(STAMP)
 
@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,plots]'
 	touch $(STAMP)
 
-# The test suite (CPU, a few minutes): what CI runs.
+# The test suite (CPU): what CI runs. TEST_WORKERS processes (pytest-xdist), one thread each;
+# `make test-fast` is the inner loop: the mathematics and config checks, no end-to-end runs.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 # The main job: grow a tiny ResNet18 on CIFAR-10 with TINY. Extra overrides: make train ARGS='seed=1'
 train: $(STAMP)

@@ -7,6 +7,11 @@ process-level behaviour (the real exit status, no traceback on stderr) stays cov
 subprocess cases (tests/test_bad_inputs.py: test_refusals_in_a_real_process,
 test_damaged_cifar_through_the_cli[runs_code]) and by the end-to-end tests that train in
 subprocesses.
+
+`one_thread` and `restore_torch_threads` put torch's thread settings back after a test; they are not
+autouse: a module that wants them says `pytestmark = pytest.mark.usefixtures(...)`. Helpers shared by
+several test modules live in the helpers_*.py modules beside this file (no test module imports
+another).
 """
 from __future__ import annotations
 
@@ -19,6 +24,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+# The helpers_*.py modules' asserts are rewritten like the test modules' (values in the failure message).
+pytest.register_assert_rewrite("helpers_cli", "helpers_matrix", "helpers_neurons", "helpers_net2net",
+                               "helpers_proc", "helpers_report", "helpers_sitenet", "helpers_solve",
+                               "helpers_surgery", "helpers_training")
 
 # Warnings that a plain `python -m growrun` does not print (Python's default filters; DeprecationWarning
 # only when raised by __main__, which growrun/__main__.py never does).
@@ -77,6 +87,54 @@ def _restore_torch(s: dict) -> None:
     random.setstate(s["rng"][0])
     np.random.set_state(s["rng"][1])
     torch.set_rng_state(s["rng"][2])
+
+
+# Files every test of which trains through the real CLI in subprocesses (kills, signals, launchers,
+# ranks, the GPU check's CPU part): all `slow`. Elsewhere a test is marked @pytest.mark.slow by hand
+# when it trains a run end to end (about a second or more); `make test-fast` leaves them out.
+SLOW_FILES = {"test_launchers.py", "test_cpu_safety.py", "test_faults.py", "test_faults_cli.py", "test_distributed.py",
+              "test_gpu_check.py", "test_equal_compute.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers on two cores) each worker and the
+    processes its tests start compute on one thread: two workers at two threads each would run
+    ~3.5x slower than alone (OpenMP contention)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    """The test matrices are small: one thread is as fast, and immune to the OpenMP contention
+    of a loaded machine (which slows tiny multi-threaded ops down by 10x and more)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_torch_threads(monkeypatch):
+    """The runs set torch's thread count and determinism for this process; put them back."""
+    import torch
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # a failing run raises its own exception
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture

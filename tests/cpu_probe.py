@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from growrun.growth.linesearch import line_search
-from proposing import propose
+from helpers_proposing import propose
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import insert_neurons, new_channel_moments
 from growrun.models import build_model

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 
 from growrun.config import store  # noqa: F401  (registers the schema)
 from growrun.config.growable import check_growth
@@ -31,9 +30,8 @@ from growrun.data.cifar import read_cifar
 from growrun.data.fake import py2_pickle, write_cifar10
 from growrun.errors import GrowrunError
 from growrun.growth.policy import growth_blocker
+from helpers_cli import SMALL, compose_cfg, one_line_error
 
-SMALL = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "model=mlp", "model.hidden=[16]",
-         "trainer.batch_size=64", "trainer.threads=1", "trainer.epochs=2"]
 GROWING = ["model=resnet18", "model.width=0.0625", "model.start_fraction=0.015625"]  # after SMALL: grows
 
 
@@ -42,13 +40,6 @@ def growrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "growrun", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The single stderr line of a failed command (exit status 2)."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("growrun: error: "), proc.stderr
-    return lines[0]
 
 
 # --- configurations in which nothing can grow ----------------------------------------------------
@@ -86,11 +77,7 @@ def test_growth_blocker(kw, epochs, spe, start, targets, params, expected):
         assert all(part in message for part in expected), message
 
 
-def compose_cfg(*overrides: str, hydra_node: bool = False):
-    with initialize_config_module("growrun.configs", version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "vgg", "resnet18"])
 def test_check_growth_accepts_growing_models_and_growth_none(model):
     check_growth(compose_cfg("dataset=synthetic", f"model={model}", "growth=tiny", "model.start_fraction=0.1"))
@@ -124,6 +111,7 @@ def test_nothing_can_grow_fails_up_front(tmp_path, run_cli, overrides, expected)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_growing_config_passes_the_precheck(tmp_path, run_cli):
     proc = run_cli("train", *SMALL, *GROWING, "growth=tiny", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0 and "method: tiny" in proc.stdout, proc.stderr
@@ -156,6 +144,7 @@ def test_bad_config_is_one_line_before_anything_is_written(tmp_path, run_cli, ov
 
 @pytest.mark.parametrize("overrides, expected", [NO_GROWTH[0], ([BAD_CONFIG[3][0]], [BAD_CONFIG[3][1]])],
                          ids=["nothing_can_grow", "unknown_key"])
+@pytest.mark.slow
 def test_refusals_in_a_real_process(tmp_path, overrides, expected):
     """Two of the refusals above as a user meets them, in a fresh `python -m growrun`: exit status
     2 and one line on stderr (no traceback, no warning), nothing written."""
@@ -167,6 +156,7 @@ def test_refusals_in_a_real_process(tmp_path, overrides, expected):
 
 # --- output directories --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_directory_under_a_file_is_one_line(tmp_path, run_cli):
     afile = tmp_path / "afile"
     afile.write_text("")
@@ -197,6 +187,7 @@ def test_unwritable_output_directory_check(tmp_path, monkeypatch):
         check_output_dir(cfg, multirun=False)
 
 
+@pytest.mark.slow
 def test_run_directory_of_another_run_is_refused_and_left_alone(tmp_path, run_cli):
     """Hydra used to write the new command's .hydra/ over the old run's before the run refused
     to start: `growrun resume` would then have continued the old run with the new config."""
@@ -209,6 +200,7 @@ def test_run_directory_of_another_run_is_refused_and_left_alone(tmp_path, run_cl
     assert f"hydra.run.dir={run_dir}: already holds a run (status completed); add resume=true" in line
 
 
+@pytest.mark.slow
 def test_sweep_directory_of_another_sweep_is_refused(tmp_path, run_cli):
     sweep = tmp_path / "sweep"
     assert run_cli("train", "-m", *SMALL, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}",
@@ -272,6 +264,7 @@ def test_damaged_cifar_files_are_one_line(tmp_path, kind, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, in_process", [("truncated", True), ("runs_code", False)])
 def test_damaged_cifar_through_the_cli(tmp_path, run_cli, kind, in_process):
     """The run reads its files after Hydra created its directory: one line, status failed, no

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_growth_training import compose_with
+from helpers_training import compose_with
 
 from helpers_interrupt import interrupted_at
 from growrun.errors import GrowrunError
@@ -33,6 +33,7 @@ def rows(path):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_a_budget_sets_the_steps_the_schedule_and_a_partial_last_epoch(tmp_path):
     budget = 10.5 * per_step()  # 10 steps: epochs of 4, 4 and 2 steps
     summary = run_module.run(compose_with(FIXED, f"trainer.budget_flops={budget}", "trainer.epochs=99"), tmp_path)
@@ -45,6 +46,7 @@ def test_a_budget_sets_the_steps_the_schedule_and_a_partial_last_epoch(tmp_path)
     assert float(metrics[0]["lr"]) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 10))))
 
 
+@pytest.mark.slow
 def test_a_budget_run_resumes_exactly_inside_its_partial_epoch(tmp_path, monkeypatch):
     args = (f"trainer.budget_flops={10.5 * per_step()}", "trainer.checkpoint_every=1")
     full, cut = tmp_path / "full", tmp_path / "cut"

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from growrun.data.fake import write_cifar10
 from growrun.train.outputs import load_checkpoint
@@ -45,6 +44,7 @@ def without_times(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rows]
 
 
+@pytest.mark.slow
 def test_train_writes_run_outputs(tmp_path):
     run_dir = tmp_path / "run"
     growrun("train", *SMALL, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -66,6 +66,7 @@ def test_train_writes_run_outputs(tmp_path):
     assert summary["params"] == int(rows[1]["params"]) > 0
 
 
+@pytest.mark.slow
 def test_training_learns_and_is_deterministic(tmp_path):
     """Two identical runs give identical metrics (CPU determinism), and the loss goes down."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -103,6 +104,7 @@ def test_missing_cifar_is_a_one_line_error(tmp_path, run_cli):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_train_on_official_cifar10_files(tmp_path):
     write_cifar10(tmp_path / "data", n_train=200, n_test=100)
     run_dir = tmp_path / "run"
@@ -114,6 +116,7 @@ def test_train_on_official_cifar10_files(tmp_path):
     assert int(rows[0]["flops_per_image"]) == 2 * (3072 * 32 + 32 * 10)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path):
     """SIGINT a run after its first checkpoint; `growrun resume` then reproduces the
     uninterrupted run's metrics exactly (cosine schedule, augmentation, CPU)."""
@@ -139,6 +142,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert json.loads((cut / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_existing_checkpoint_is_not_overwritten(tmp_path, run_cli):
     run_dir = tmp_path / "run"
     first = run_cli("train", *SMALL, "model=mlp", "model.hidden=[16]", "trainer.epochs=1", f"hydra.run.dir={run_dir}",
@@ -152,6 +156,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path, run_cli):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_own_directory_and_reports_failures(tmp_path):
     proc = growrun("train", "-m", *SMALL, "model=mlp", "model.hidden=[16]", "trainer.epochs=1",
                    "dataset.train_size=128,100", "trainer.batch_size=120", cwd=tmp_path, check=False)
@@ -164,6 +169,7 @@ def test_multirun_gives_each_job_its_own_directory_and_reports_failures(tmp_path
     assert statuses == {"0": "completed", "1": "failed"}
 
 
+@pytest.mark.slow
 def test_simultaneous_runs_never_share_a_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"}
     cmd = [sys.executable, "-m", "growrun", "train", *SMALL, "model=mlp", "model.hidden=[8]", "trainer.epochs=1"]
@@ -174,6 +180,7 @@ def test_simultaneous_runs_never_share_a_directory(tmp_path):
     assert len(runs) == 2 and all((r / "summary.json").is_file() for r in runs)
 
 
+@pytest.mark.slow
 def test_cfg_job_help_and_user_config_dir(tmp_path, run_cli):
     def succeeds(*args, cwd):
         proc = run_cli(*args, cwd=cwd)
@@ -191,6 +198,7 @@ def test_cfg_job_help_and_user_config_dir(tmp_path, run_cli):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_regular_install_carries_the_configs(tmp_path):
     """A non-editable install (wheel contents in a plain directory) finds its configs from any cwd."""
     repo = Path(__file__).resolve().parents[1]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 
-from test_growth_training import compose_cfg
+import pytest
+
+from helpers_training import compose_cfg
 
 from growrun.models import build_model, count_flops, initial_arch
 from growrun.train import run as run_module
@@ -16,6 +18,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_train_flops_count_every_image_at_the_width_it_was_seen_at(tmp_path):
     """Growth at the last step of epochs 1 and 2 (dt = 1): epoch e trains at the width the
     metrics row of epoch e - 1 reports, so train_flops grows by 3 x that row's flops_per_image x
@@ -49,11 +52,12 @@ def _with_compute(run_dir, per_epoch_train: float, per_epoch_growth: float) -> N
         w.writerows(rows)
 
 
+@pytest.mark.slow
 def test_compute_to_reach_the_reference(tmp_path):
     """Reference (fixed) final accuracy 0.7; 95 % of it = 0.665 is reached by the reference at
     epoch 3 (compute 900) and by the grown runs at epochs 3 and 2 (330 and 220: mean 275, ratio
     0.306); 99 % = 0.693 by the reference only."""
-    from test_report import make_run
+    from helpers_report import make_run
 
     from growrun.report.cli import report_main
     from growrun.report.compute import add_compute, reach_table, reference_group

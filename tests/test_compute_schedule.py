@@ -39,6 +39,7 @@ def rows(path):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_the_plan_is_the_measured_compute_and_the_lr_follows_it(tmp_path):
     cfg = config()
     segments = compute_plan.planned_segments(cfg, 10, (3, 8, 8), 4, 4)
@@ -81,6 +82,7 @@ def test_the_schedule_over_steps_is_unchanged():
         assert lr_factor(step, 16, cfg, 4) == expected
 
 
+@pytest.mark.slow
 def test_a_compute_schedule_resumes_exactly(tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_module.run(config("trainer.checkpoint_every=1"), full)

@@ -355,6 +355,7 @@ def test_synthetic_learnable_but_not_trivial():
     assert clean == 1.0
 
 
+@pytest.mark.slow
 def test_synthetic_is_fast():
     make_synthetic(10, 100, 10, 32, 0.6)  # warm-up
     t = time.perf_counter()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_growth_training import compose_cfg
+from helpers_training import compose_cfg
 
 from growrun.errors import Diverged, GrowrunError
 from growrun.faults import ENV as KILL_ENV

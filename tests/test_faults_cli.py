@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers_proc import alive, stat
+
 # 256 synthetic images, a 16-unit MLP: an epoch takes a few milliseconds.
 TINY = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "model=mlp", "model.hidden=[16]",
         "trainer.batch_size=64", "trainer.eval_batch_size=64", "trainer.threads=1"]
@@ -33,14 +35,6 @@ def trained(run_cli):
         proc = run_cli("train", *args, cwd=cwd)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return train
-
-
-def stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name: [state, ppid, pgrp, ...]; None when gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
 
 
 def children(pid: int) -> list[int]:
@@ -64,11 +58,6 @@ def trainers(pid: int) -> list[int]:
         return b"growrun" in args and b"train" in args
 
     return [c for c in children(pid) if training(c)]
-
-
-def alive(pid: int) -> bool:
-    fields = stat(pid)
-    return fields is not None and fields[0] != "Z"
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -17,14 +17,15 @@ from helpers_interrupt import summing_reduce
 from growrun.growth import firefly
 from growrun.growth.linesearch import at_gamma
 from growrun.growth.methods import REGISTRY as METHODS
-from proposing import propose
+from helpers_proposing import propose
 from growrun.growth.site import Neurons
 from growrun.growth.surgery import new_channel_moments
-from test_growth_neurons import mean_loss, widen
-from test_growth_stats import DT, SiteNet, data, one_thread, stats_of, sum_ce  # noqa: F401
-from test_growth_matrix import cli, restore_torch_threads  # noqa: F401 (the CLI helper and the autouse fixture)
+from helpers_cli import cli
+from helpers_neurons import mean_loss, widen
+from helpers_sitenet import DT, SiteNet, data, stats_of, sum_ce
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+              pytest.mark.usefixtures("one_thread", "restore_torch_threads")]
 
 CASES = [dict(conv=False, bn=True), dict(conv=False, bn=False), dict(conv=True, bn=True),
          dict(conv=True, bn=False, s2=2), dict(conv=True, bn=True, s2=2, p2=0, bias1=False)]
@@ -227,6 +228,7 @@ GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "
         "trainer.progress=off", "dataset.augment=true", "growth.firefly.steps=6", "growth.firefly.candidates=12"]
 
 
+@pytest.mark.slow
 def test_firefly_trains_end_to_end(tmp_path):
     """Every site reaches its target in growth.steps events; each insertion at gamma = 1, the loss
     after insertion the one the candidate hooks measured, and about the predicted change."""

@@ -17,18 +17,18 @@ from growrun.config.validate import validate
 from growrun.errors import GrowrunError
 from growrun.growth import fullconv
 from growrun.growth.neurons import to_neurons
-from proposing import propose
+from helpers_proposing import propose
 from growrun.growth.site import Site
 from growrun.growth.solve import tiny_solve
 from growrun.growth.stats import collect_statistics
 from growrun.models.layers import Conv2d
-from test_bad_inputs import compose_cfg
-from test_growth_matrix import COMBOS, MODELS, check_growth_rows, cli, overrides, read_csv
-from test_growth_matrix import restore_torch_threads  # noqa: F401  (autouse fixture)
-from test_growth_neurons import _rel_errors, mean_loss, widen
-from test_growth_stats import DT, SiteNet, captured, data, one_thread, sum_ce  # noqa: F401
+from helpers_cli import cli, compose_cfg, read_csv
+from helpers_matrix import COMBOS, MODELS, check_growth_rows, overrides
+from helpers_neurons import _rel_errors, mean_loss, widen
+from helpers_sitenet import DT, SiteNet, captured, data, sum_ce
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+              pytest.mark.usefixtures("one_thread", "restore_torch_threads")]
 
 
 def full_stats_of(net, batches, folds=2):
@@ -201,6 +201,7 @@ def _brute_force_min(S, N, K, s0=1.0, starts=2, seed=0):
     return best
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("K", [1, 2])
 def test_solution_minimises_the_approximate_objective(K):
     net, batches, st = setup_full("resnet_conv1_stride1", c0=2, width=2, m=2)
@@ -335,6 +336,7 @@ def test_l2_1x1_full_equals_centre():
 
 # ---------------------------------------------------------------- refusals
 
+@pytest.mark.slow
 def test_refusals():
     net, batches, st = setup_full("vgg", n=1)
     for method in ("gradmax", "random", "zero", "net2net"):
@@ -357,6 +359,7 @@ def test_refusals():
 
 # ---------------------------------------------------------------- (5) end to end
 
+@pytest.mark.slow
 def test_tiny_full_end_to_end(tmp_path):
     combo = {**COMBOS[0], "model": "resnet18", "growth": "tiny_full", "growth.neurons": "fixed",
              "growth.sites": "all", "growth.apply_dw": False, "growth.param_budget": "none",

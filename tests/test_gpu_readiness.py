@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as tdist
-from test_growth_training import compose_cfg
+from helpers_training import compose_cfg
 
 from growrun import devices
 from growrun.errors import GrowrunError
@@ -179,6 +179,7 @@ def test_grown_parameters_momentum_takes_the_parameters_memory_layout():
     assert all(torch.equal(opt.state[p]["momentum_buffer"], before[p]) for p in grown)
 
 
+@pytest.mark.slow
 def test_growth_events_run_without_tf32_while_training_may_use_it(tmp_path, monkeypatch):
     """trainer.tf32=true: training steps with TF32 allowed, every growth event (statistics pass,
     line search) and the products recorded during training (stats=training) without it, and
@@ -221,6 +222,7 @@ def test_growth_events_run_without_tf32_while_training_may_use_it(tmp_path, monk
         devices.set_tf32_flags(saved)
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_stops_every_few_steps_not_every_step(tmp_path, monkeypatch):
     """With several ranks the stop / timed-checkpoint agreement (an all-reduce and a host sync)
     runs after every agree_every-th step and before each epoch, not after every step; the step

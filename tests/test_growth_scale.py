@@ -14,15 +14,16 @@ import math
 import pytest
 import torch
 
-from proposing import propose
+from helpers_proposing import propose
 from growrun.growth.scale import existing_norms, neuron_norms, normalized, rebalance, rebalance_factors, reference_norms
 from growrun.growth.site import Neurons, frozen_bn_stats
 from growrun.growth.surgery import insert_neurons, new_channel_moments
-from test_bad_inputs import SMALL, one_line_error
-from test_growth_matrix import cli, overrides, read_csv
-from test_growth_neurons import setup
-from test_growth_stats import one_thread  # noqa: F401
-from test_surgery import CASES, IDS, make, random_neurons
+from helpers_cli import SMALL, cli, one_line_error, read_csv
+from helpers_matrix import overrides
+from helpers_neurons import setup
+from helpers_surgery import CASES, IDS, make, random_neurons
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _norms_by_loop(w: torch.Tensor, dim: int) -> list[float]:
@@ -141,6 +142,7 @@ def test_mean_norm_gives_gradmax_its_own_neurons(conv, width):
     torch.testing.assert_close(doubled.neurons.w2, prop.neurons.w2, rtol=1e-6, atol=1e-9)  # the norm is set, not kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize, method", [("fan_out", "tiny"), ("mean_norm", "tiny"), ("mean_norm", "random")])
 def test_cli_run_grows_with_each_new_choice(tmp_path, normalize, method):
     """A run grows; fan_out inserts at the searched loss with fan-outs at the existing mean norm;
@@ -181,6 +183,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", REFUSED, ids=[" ".join(e) for e, _ in REFUSED])
 def test_senseless_combinations_are_refused(tmp_path, run_cli, extra, expected):
     line = one_line_error(run_cli("train", *SMALL, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))

@@ -15,35 +15,14 @@ from growrun.growth.site import Site
 from growrun.growth.stats import collect_statistics
 from growrun.growth.solve import (best_update, bottleneck, gradmax_directions, psolve, psolve_info,
                                   tiny_matrix, tiny_solve)
-from test_growth_stats import SiteNet, captured, data, explicit_rows, one_thread, stats_of  # noqa: F401
+from helpers_sitenet import SiteNet, captured, data, explicit_rows, stats_of
+from helpers_solve import DT, EPS, rand, spd, tiny_reference
 
-DT = torch.float64
-EPS = 1e-7
-
-
-def spd(d, eigs, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))
-    return (Q * torch.as_tensor(eigs, dtype=DT)) @ Q.T
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pinv_ref(S, rel_eps=EPS):
     return torch.linalg.pinv(S, hermitian=True, rtol=rel_eps)
-
-
-def tiny_reference(S1, N, rel_eps=EPS):
-    """Section 4 literally: S1^(-1/2) by eigh with thresholding, SVD of S1^(-1/2) N."""
-    e, Q = torch.linalg.eigh(S1)
-    keep = e > rel_eps * e.max()
-    Sm = (Q[:, keep] * e[keep].rsqrt()) @ Q[:, keep].T
-    U, lam, Wt = torch.linalg.svd(Sm @ N, full_matrices=False)
-    alpha = (Sm @ U * lam.sqrt()).T
-    omega = Wt * lam.sqrt().unsqueeze(1)
-    return alpha, omega, lam
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
 # ---------------------------------------------------------------- psolve
@@ -329,6 +308,7 @@ def conv_noise_stats(seed, act, n=256):
     return collect_statistics(net, [net.site()], batches, sq, folds=2)["s"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act", ["identity", "relu"])
 def test_adaptive_count_conv_pure_noise(act):
     counts = [adaptive_count(conv_noise_stats(s, act), projection=True, noise_sigmas=2.0, max_count=4)

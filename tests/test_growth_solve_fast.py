@@ -7,8 +7,9 @@ import torch
 
 from growrun.growth import solve
 from growrun.growth.solve import chol_solve, psolve_info, tiny_solve
-from test_growth_solve import rand, spd, tiny_reference
-from test_growth_stats import one_thread  # noqa: F401
+from helpers_solve import rand, spd, tiny_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DT = torch.float64
 EPS = 1e-7

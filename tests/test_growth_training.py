@@ -2,26 +2,25 @@
 and exact resume across growth events."""
 from __future__ import annotations
 
-import csv
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from torch import nn
 
 from growrun.config import store  # noqa: F401
 from growrun.growth import policy
 from growrun.growth.linesearch import line_search
-from proposing import propose
+from helpers_proposing import propose
 from growrun.growth.site import Neurons, Site
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import candidate, insert_neurons
 from growrun.train import run as run_module
 from growrun.train.outputs import load_checkpoint
 from growrun.train.trainer import Trainer
+from helpers_training import compose_cfg, read
 
 
 def gcfg(**kw):
@@ -99,6 +98,7 @@ def test_planned_epochs_cover_the_simulated_growth(sites):
     assert len(due) >= events and math.ceil(due[events - 1] / 10) == epochs - 3
 
 
+@pytest.mark.slow
 def test_growth_config_combinations_are_checked():
     from growrun.config.validate import validate
     from growrun.errors import GrowrunError
@@ -188,28 +188,6 @@ def test_line_search_without_neurons_needs_no_moments():
         assert found.gamma == 0.0 and found.loss_before == found.loss_at_gamma == float(F.cross_entropy(model(x), y))
 
 
-GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "model=resnet18",
-        "model.width=0.125", "model.start_fraction=0.015625", "growth=tiny", "growth.target_fraction=0.0625",
-        "growth.steps=2", "growth.dt=0.5", "growth.samples=128", "growth.stats_batch_size=64",
-        "growth.line_search.batch_size=64", "trainer.batch_size=64", "trainer.epochs=3", "trainer.threads=1",
-        "trainer.progress=off", "dataset.augment=true"]
-
-
-def compose_with(base, *overrides):
-    """The composed `train` config of the overrides `base` then `overrides` (also test_growth_when)."""
-    with initialize_config_module("growrun.configs", version_base="1.3"):
-        return compose("train", overrides=[*base, *overrides])
-
-
-def compose_cfg(*overrides):
-    return compose_with(GROW, *overrides)
-
-
-def read(path):
-    with open(path, newline="") as f:
-        return [{k: v for k, v in r.items() if "seconds" not in k} for r in csv.DictReader(f)]
-
-
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     """One run of compose_cfg() (GROW): its directory and the summary run() returned. Tests only
@@ -218,6 +196,7 @@ def grown(tmp_path_factory):
     return run_dir, run_module.run(compose_cfg(), run_dir)
 
 
+@pytest.mark.slow
 def test_growth_log_and_widths(grown):
     run_dir, summary = grown
     rows = read(run_dir / "growth.csv")
@@ -239,6 +218,7 @@ def test_growth_log_and_widths(grown):
     assert int(metrics[-1]["params"]) == summary["params"]
 
 
+@pytest.mark.slow
 def test_extra_epochs_sets_the_run_length(tmp_path):
     """steps=2 to the targets, all sites at once, dt=0.5 from epoch 1: events at epochs 1 and
     1.5 (in epoch 2), so the run ends after 2 + 1 extra = 3 epochs, whatever trainer.epochs says."""
@@ -246,6 +226,7 @@ def test_extra_epochs_sets_the_run_length(tmp_path):
     assert summary["epochs"] == 3 and len(read(tmp_path / "metrics.csv")) == 3
 
 
+@pytest.mark.slow
 def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, grown, monkeypatch):
     full, cut = grown[0], tmp_path / "cut"  # full: the uninterrupted run
     original = Trainer.train_epoch
@@ -267,6 +248,7 @@ def test_resume_after_growth_reproduces_the_uninterrupted_run(tmp_path, grown, m
     assert ckpt["arch"] == load_checkpoint(full / "checkpoints" / "last.pt")[0]["arch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", ["none", "fan_in"])
 def test_growth_log_has_the_new_neurons_scale(tmp_path, normalize):
     """growth.csv logs the mean fan-in / fan-out norms of the inserted neurons and of the site's

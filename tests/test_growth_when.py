@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
 
 from growrun.config import store  # noqa: F401  (registers the schema for compose)
 from growrun.errors import GrowrunError
@@ -15,9 +14,10 @@ from growrun.growth import policy
 from growrun.train import run as run_module
 from growrun.train.outputs import load_checkpoint
 from growrun.train.trainer import Trainer
-from test_growth_training import compose_with
+from helpers_training import compose_with
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+              pytest.mark.usefixtures("restore_torch_threads")]
 
 
 # --- pure functions -----------------------------------------------------------------------------
@@ -70,14 +70,7 @@ def read(path, drop=("seconds",)):
         return [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in csv.DictReader(f)]
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
+@pytest.mark.slow
 def test_bottleneck_threshold_above_one_grows_nothing(tmp_path):
     summary = run_module.run(compose_cfg("growth.when=bottleneck", "growth.when_threshold=1.5"), tmp_path)
     rows = read(tmp_path / "growth.csv")
@@ -88,6 +81,7 @@ def test_bottleneck_threshold_above_one_grows_nothing(tmp_path):
     assert summary["widths"] == {"fc1": 2, "fc2": 3}
 
 
+@pytest.mark.slow
 def test_bottleneck_threshold_zero_grows_like_the_schedule(tmp_path):
     run_module.run(compose_cfg(), tmp_path / "schedule")
     run_module.run(compose_cfg("growth.when=bottleneck", "growth.when_threshold=0"), tmp_path / "bottleneck")
@@ -115,6 +109,7 @@ def expected_plateau_rows(metrics: list[dict], events: list[tuple[int, int]], st
     return fired
 
 
+@pytest.mark.slow
 def test_plateau_fires_from_the_loss_history_and_resumes_exactly(tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_module.run(compose_cfg(*PLATEAU), full)

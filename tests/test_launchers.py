@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import MissingConfigException
-from test_faults_cli import alive
+from helpers_proc import alive
 
 from growrun.config.precheck import _missing_message
 from growrun.train.outputs import load_checkpoint

@@ -66,6 +66,7 @@ def test_every_method_refuses_exactly_what_it_declares(preset, option, value, mo
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_the_registry_knows_every_preset_and_config_file():
     """configs/growth/ holds exactly the registry's presets (plus none), each selecting its method."""
     files = {p.stem for p in (ROOT / "configs" / "growth").glob("*.yaml")}

@@ -14,38 +14,20 @@ import torch.nn.functional as F
 
 from growrun.growth.methods import REGISTRY as METHODS
 from growrun.growth.methods.net2net import net2net_copies, net2net_sources
-from proposing import propose
+from helpers_proposing import propose
 from growrun.growth.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import insert_copies
 from growrun.models import build_model
 from growrun.train.optim import build_optimizer
-from test_growth_matrix import cli, read_csv, restore_torch_threads  # noqa: F401 (the CLI helper and the autouse fixture)
+from helpers_cli import cli, read_csv
+from helpers_net2net import BASE, MLP, MLP_RUN, RESNET, RESNET_RUN, make
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+              pytest.mark.usefixtures("restore_torch_threads")]
 
-MLP = {"name": "mlp", "in_features": 3 * 8 * 8, "num_classes": 5, "hidden": [6, 4], "batchnorm": True}
-RESNET = {"name": "resnet18", "in_channels": 3, "num_classes": 10, "stream": [4, 8, 8, 8],
-          "hidden": [3, 1, 2, 1, 2, 2, 2, 2]}
 CASES = [(MLP, "fc1"), (MLP, "fc2"), (RESNET, "layer1.0"), (RESNET, "layer2.0")]
 IDS = [f"{a['name']}-{s}" for a, s in CASES]
-
-
-def make(arch, seed=0):
-    """A float64 model with non-trivial BatchNorm parameters and running statistics."""
-    torch.manual_seed(seed)
-    model = build_model(arch).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    x = torch.randn(16, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    y = torch.randint(0, arch["num_classes"], (16,), generator=torch.Generator().manual_seed(seed + 2))
-    model.train()
-    with torch.no_grad():
-        model(x)  # running statistics away from their initial values
-    return model, x, y
 
 
 def net2net_proposal(model, site, x, y, count, **kw):
@@ -178,18 +160,11 @@ def test_width_zero_site_cannot_copy():
 
 # --- end to end -------------------------------------------------------------------------------------
 
-BASE = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "trainer.batch_size=32",
-        "trainer.eval_batch_size=64", "trainer.epochs=3", "trainer.threads=1", "trainer.progress=off",
-        "optim.lr=0.05", "growth=net2net", "growth.first_epoch=1", "growth.dt=0.5", "growth.steps=2"]
-RESNET_RUN = ["model=resnet18", "model.width=0.0625", "dataset.image_size=8",
-              "model.site_widths=[1,1,1,1,1,1,1,2]", "growth.target_widths=[3,1,1,2,1,1,1,4]"]
-MLP_RUN = ["model=mlp", "model.hidden=[16,16]", "dataset.image_size=8", "model.site_widths=[2,3]",
-           "growth.target_widths=[6,7]"]
-
 
 @pytest.mark.parametrize("model, extra", [(RESNET_RUN, []),
                                           (MLP_RUN, ["growth.net2net.pick=largest", "growth.net2net.noise=0.1"])],
                          ids=["resnet18", "mlp-sites_all-largest-noise"])
+@pytest.mark.slow
 def test_net2net_trains_end_to_end(tmp_path, model, extra):
     """Every insertion keeps the loss on the held batch (BatchNorm in training mode), gamma = 1,
     the sites reach their targets in growth.steps events."""
@@ -210,6 +185,7 @@ def test_net2net_trains_end_to_end(tmp_path, model, extra):
     assert list(summary["widths"].values()) == targets
 
 
+@pytest.mark.slow
 def test_width_zero_sites_are_refused_up_front(tmp_path, capsys):
     args = [*BASE, *RESNET_RUN, "model.site_widths=[0,1,1,1,1,1,1,2]", f"hydra.run.dir={tmp_path / 'run'}"]
     assert cli("train", *args) == 2

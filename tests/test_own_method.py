@@ -27,8 +27,8 @@ from helpers_interrupt import interrupted_at
 from growrun.growth.methods import EventContext, GrowthMethod, load
 from growrun.growth.surgery import candidate, fit_to_site, new_channel_moments
 from growrun.train.outputs import load_checkpoint
-from proposing import growth_settings
-from test_growth_neurons import outputs, setup
+from helpers_proposing import growth_settings
+from helpers_neurons import outputs, setup
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
@@ -215,6 +215,7 @@ def test_insert_keeps_the_function_at_0_and_is_what_the_search_evaluated(conv, n
 
 # ---------------------------------------------------------------- through the CLI
 
+@pytest.mark.slow
 def test_a_run_grows_with_it_and_names_it_in_growth_csv(run_cli, runs):
     run_dir = trained(run_cli, runs, "full")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -230,6 +231,7 @@ def test_a_run_grows_with_it_and_names_it_in_growth_csv(run_cli, runs):
     assert model["linears.0.weight"].shape[0] == 32 and model["linears.1.weight"].shape == (32, 32)
 
 
+@pytest.mark.slow
 def test_its_option_reaches_it(run_cli, runs):
     """+growth.options.scale=0.5 halves fan-ins and fan-outs: at the first event (the same network
     and statistics in both runs) the predicted first-order change per gamma^2 is 1/4 of scale 1's."""
@@ -260,6 +262,7 @@ def test_bad_names_and_options_are_refused_in_one_line(tmp_path, run_cli, overri
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_end(run_cli, runs, monkeypatch):
     """Stopped in the second growth event (step 6), after the checkpoint of step 5, which holds the
     first event's neurons; resumed, it ends exactly as the uninterrupted run."""

@@ -72,6 +72,7 @@ def test_cifar10_tiny_is_what_the_readme_says():
     # cpu: 8 sites x 2 visits = 16 events (growth ends at epoch 4 or 16), then 6 extra epochs
     ("cpu", 10, 6000, [w // 4 for w in RESNET18], {0.25: 4 + 6, 1.0: 16 + 6}),
 ])
+@pytest.mark.slow
 def test_table1_sweeps_plan_the_documented_runs(scale, classes, images, final, epochs_by_dt):
     jobs = makefile_sweep(scale)
     assert len(jobs) == 16  # 2 methods x 2 starts x 2 dt x 2 seeds
@@ -102,6 +103,7 @@ def test_table1_sweeps_plan_the_documented_runs(scale, classes, images, final, e
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 @pytest.mark.parametrize("scale, classes, images, final", [("full", 100, 50000, RESNET18),
                                                            ("cpu", 10, 6000, [w // 4 for w in RESNET18])])
+@pytest.mark.slow
 def test_methods_sweep_plans_the_documented_runs(scale, classes, images, final):
     """`make methods`: every growth method x start 1/64 of the final widths x dt 0.25 x seeds 0, 1
     on table1_<scale>, the reference, one report (the commands `make -n` prints)."""

@@ -23,97 +23,13 @@ from growrun.cli import main as cli_main
 from growrun.growth.growth_log import COLUMNS as GROWTH_COLUMNS
 from growrun.report import reference
 from growrun.report.cli import report_main
+from helpers_report import BASE_CONFIG, METRIC_COLUMNS, _set, make_run
 
-SITES = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
-METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "params",
-                  "flops_per_image", "train_flops", "growth_flops", "epoch_seconds", "growth_seconds",
-                  "total_seconds", *(f"width:{s}" for s in SITES)]
 PNGS = ["acc_vs_params.png", "acc_vs_time.png", "acc_vs_compute.png", "widths.png", "psi.png"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-BASE_CONFIG = {  # the composed config (.hydra/config.yaml) of a synthetic ResNet18 growth run
-    "dataset": {"name": "synthetic", "root": None, "download": True, "verify": True, "val_size": 0,
-                "train_subset": 0, "test_subset": 0, "augment": False, "num_classes": 10, "train_size": 256,
-                "test_size": 64, "image_size": 32, "noise": 0.6},
-    "model": {"name": "resnet18", "width": 0.125, "start_fraction": 0.015625, "site_widths": None,
-              "hidden": [512, 512], "batchnorm": True},
-    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "betas": [0.9, 0.999],
-              "weight_decay": 0.0005, "decay_norm_and_bias": False, "schedule": "cosine", "warmup_epochs": 0.0,
-              "min_lr_ratio": 0.0, "milestones": [0.5, 0.75], "step_gamma": 0.1},
-    "growth": {"method": "tiny", "dt": 0.5, "first_epoch": 1.0, "last_epoch": None, "sites": "all", "only": None,
-               "neurons": "to_target", "count": 4, "steps": 2, "target_fraction": 0.0625, "target_widths": None,
-               "param_budget": 0, "samples": 128, "stats_batch_size": 64,
-               "line_search": {"batch_size": 64, "shrink": 0.5, "max_iter": 12, "max_gamma": 10.0},
-               "apply_dw": False, "conv_fanout": "center", "gradmax_scale": 0.5, "noise_sigmas": 2.0,
-               "rel_eps": 1e-07},
-    "trainer": {"epochs": 3, "batch_size": 64, "eval_batch_size": 1000, "label_smoothing": 0.0,
-                "precision": "fp32", "progress": "off", "eval_every": 1, "threads": 1, "deterministic": True,
-                "channels_last": True, "checkpoint": True},
-    "seed": 0, "device": "auto", "resume": False,
-}
 PAPER_TINY = {"dataset.name": "cifar100", "model.width": 1.0, "model.start_fraction": 0.015625,
               "growth.dt": 0.25, "growth.target_fraction": 1.0}
-
-
-def _set(config: dict, dotted: str, value) -> None:
-    node = config
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    node[last] = value
-
-
-def make_run(path: Path, seed: int, overrides: list[str], *, config: dict | None = None,
-             status: str | None = "completed", accs=(0.2, 0.5, 0.4), epochs: int | None = None,
-             growth: bool = True, error: str | None = None) -> Path:
-    """A run directory as `growrun train` writes it; the numbers depend on (seed, accs)."""
-    (path / ".hydra").mkdir(parents=True)
-    cfg = copy.deepcopy(BASE_CONFIG)
-    cfg["seed"] = seed
-    for key, value in (config or {}).items():
-        _set(cfg, key, value)
-    if not growth:
-        cfg["growth"]["method"] = "none"
-    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
-    rows, total = [], 0.0
-    widths = [1 + seed + k for k in range(len(SITES))]
-    for e, acc in enumerate(accs, start=1):
-        grow = 0.3 + 0.1 * seed + 0.01 * e if growth else 0.0
-        seconds = 1.0 + 0.25 * seed + 0.1 * e + grow
-        total += seconds
-        widths = [w + (e if growth else 0) for w in widths]
-        rows.append({"epoch": e, "step": 4 * e, "lr": 0.1 / e, "train_loss": 2.0 / e, "train_acc": acc + 0.05,
-                     "test_loss": 2.1 / e, "test_acc": acc, "params": 40000 + 1000 * seed + 5000 * e,
-                     "flops_per_image": 3_000_000 + 20_000 * seed + 100_000 * e,
-                     "train_flops": 9e9 * e, "growth_flops": 1e9 * e if growth else 0, "epoch_seconds": seconds,
-                     "growth_seconds": grow, "total_seconds": total,
-                     **{f"width:{s}": w for s, w in zip(SITES, widths)}})
-    with (path / "metrics.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, METRIC_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    if growth:
-        with (path / "growth.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, GROWTH_COLUMNS)
-            w.writeheader()
-            for event in (1, 2):
-                for k, site in enumerate(SITES):
-                    w.writerow({c: 0 for c in GROWTH_COLUMNS} | {
-                        "event": event, "epoch": 0.5 + 0.5 * event, "step": 2 + 2 * event, "site": site,
-                        "method": cfg["growth"]["method"], "requested": 2, "added": 2 - k % 2,
-                        "reason": "rank" if k % 2 else "", "width_after": 3 + k,
-                        "params_after": 40000, "psi": (k + 1) / (event + seed), "lambdas_top": "0.1;0.05",
-                        "stats_seconds": 0.01, "solve_seconds": 0.002, "search_seconds": 0.03})
-    if status is not None:
-        summary = {"status": status, "run_dir": str(path), "epochs_done": epochs or len(rows),
-                   "epochs": len(accs), "final": {"test_acc": rows[-1]["test_acc"]},
-                   "best_test_acc": max(accs), "params": rows[-1]["params"], "total_seconds": total,
-                   "growth_seconds": sum(r["growth_seconds"] for r in rows)}
-        if error:
-            summary["error"] = error
-        (path / "summary.json").write_text(json.dumps(summary, indent=2))
-    return path
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -159,6 +75,7 @@ def sweep(tmp_path):
     return root, dirs
 
 
+@pytest.mark.slow
 def test_table_means_and_stds_match_the_csvs(sweep, capsys):
     root, dirs = sweep
     assert report_main([str(root)]) == 0
@@ -187,6 +104,7 @@ def test_table_means_and_stds_match_the_csvs(sweep, capsys):
     assert "hydra.run.dir" not in md and "dataset" not in read_csv(root / "report.csv")[0]
 
 
+@pytest.mark.slow
 def test_several_swept_keys_and_single_seed_groups(tmp_path, capsys):
     root = tmp_path / "sweep"
     job = 0
@@ -209,6 +127,7 @@ def test_several_swept_keys_and_single_seed_groups(tmp_path, capsys):
     assert "`growth`, `optim.lr`" in md
 
 
+@pytest.mark.slow
 def test_growth_keys_of_a_fixed_network_are_not_applicable(tmp_path, capsys):
     """A growth=none run's growth.* values do nothing: the table says n/a, not a default dt; the
     plots' labels use the last key component and 4 significant digits."""
@@ -228,6 +147,7 @@ def test_growth_keys_of_a_fixed_network_are_not_applicable(tmp_path, capsys):
     assert group.short_label == "growth=tiny, dt=0.25, start_fraction=0.003906"
 
 
+@pytest.mark.slow
 def test_override_value_equals_config_default(tmp_path, capsys):
     """A run that sets optim.lr to its default value groups with runs that don't set it."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -238,6 +158,7 @@ def test_override_value_equals_config_default(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["n"] == "2" and rows[0]["runs"] == "a/0;b/0"
 
 
+@pytest.mark.slow
 def test_several_sweeps_at_once_and_a_single_run(tmp_path, capsys):
     s1, s2 = tmp_path / "multirun" / "s1", tmp_path / "multirun" / "s2"
     make_run(s1 / "0", 0, ["growth=tiny"])
@@ -262,6 +183,7 @@ def test_several_sweeps_at_once_and_a_single_run(tmp_path, capsys):
     ("short_metrics", "summary.json says 3 epochs"),
     ("no_growth_csv", "growth.csv missing"),
 ])
+@pytest.mark.slow
 def test_unusable_runs_are_listed_with_their_reason(tmp_path, damage, reason, capsys):
     root = tmp_path / "sweep"
     make_run(root / "0", 0, ["growth=tiny"])
@@ -283,6 +205,7 @@ def test_unusable_runs_are_listed_with_their_reason(tmp_path, damage, reason, ca
     assert f"not included: 1: " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_pngs_are_valid_and_skipped_plots_are_noted(sweep, tmp_path, capsys):
     import matplotlib.pyplot as plt
 
@@ -304,6 +227,7 @@ def test_pngs_are_valid_and_skipped_plots_are_noted(sweep, tmp_path, capsys):
     assert "skipped: `psi.png`" in md and "growth.csv" in md
 
 
+@pytest.mark.slow
 def test_paper_column_only_for_the_matching_protocol(tmp_path, capsys):
     root = tmp_path / "sweep"
     make_run(root / "0", 0, ["growth=tiny", "growth.dt=0.25"], config=PAPER_TINY)
@@ -382,6 +306,7 @@ def test_help(capsys):
     assert out.startswith("usage: growrun report DIR [DIR ...] [--out OUT]") and "--out OUT" in out
 
 
+@pytest.mark.slow
 def test_a_crash_leaves_the_previous_report_whole(sweep, monkeypatch, capsys):
     root, _ = sweep
     assert report_main([str(root)]) == 0
@@ -405,6 +330,7 @@ SWEEP = ["dataset=synthetic", "dataset.train_size=128", "dataset.test_size=64", 
          "trainer.progress=off"]
 
 
+@pytest.mark.slow
 def test_real_sweep_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

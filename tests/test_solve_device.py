@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from growrun.config.schema import GrowthConfig
-from proposing import propose
+from helpers_proposing import propose
 from growrun.growth.solve_device import CHOICES, faster, moved, solve_device
 from growrun.growth.stats import SiteStats
-from test_growth_stats import SiteNet, data, one_thread, stats_of  # noqa: F401
+from helpers_sitenet import SiteNet, data, stats_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
 

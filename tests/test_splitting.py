@@ -16,10 +16,11 @@ from growrun.growth import splitting
 from growrun.growth.methods import REGISTRY as METHODS
 from growrun.growth.site import Neurons, Site, frozen_bn_stats
 from helpers_interrupt import summing_reduce
-from test_growth_matrix import cli, read_csv, restore_torch_threads  # noqa: F401 (the CLI helper and the autouse fixture)
-from test_net2net import BASE as N2N_BASE, MLP, MLP_RUN, RESNET, RESNET_RUN, make
+from helpers_cli import cli, read_csv
+from helpers_net2net import BASE as N2N_BASE, MLP, MLP_RUN, RESNET, RESNET_RUN, make
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+              pytest.mark.usefixtures("restore_torch_threads")]
 DT = torch.float64
 
 
@@ -300,6 +301,7 @@ def test_ranks_partial_sums_give_one_process_eigenpairs(exact_dim):
 BASE = [o for o in N2N_BASE if not o.startswith("growth=")] + ["growth=splitting"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [MLP_RUN, RESNET_RUN], ids=["mlp-sites_all", "resnet18"])
 def test_splitting_trains_end_to_end(tmp_path, model):
     """Sites grow by splits; each row's loss after insertion is the loss the line search

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_growth_training import compose_cfg, read
+from helpers_training import compose_cfg, read
 
 from helpers_interrupt import interrupted_at
 from growrun.growth.stats import collect_statistics
@@ -86,6 +86,7 @@ def test_moving_weights_change_the_statistics():
     assert not torch.allclose(got.M1, ref["fc1"].M1)  # the gradients do
 
 
+@pytest.mark.slow
 def test_run_with_training_statistics_grows_and_resumes_inside_a_window(tmp_path, monkeypatch):
     """4 steps per epoch, an event every 2 steps from step 4, windows of 2 batches (128 samples
     / 64). The run is stopped in the event of step 6 after the checkpoint of step 5, which holds
