@@ -18,7 +18,7 @@ from growrun.errors import GrowrunError
 from growrun.growth import policy
 from growrun.train import compute_plan
 from growrun.train import run as run_module
-from growrun.train.optim import lr_factor
+from growrun.train.optim import lr_factor, rewarm_factor
 from growrun.train.outputs import load_checkpoint
 
 # an MLP grown from 8 to 32 neurons per layer by zero (no line search: it adds what it plans) in 3 events
@@ -98,3 +98,37 @@ def test_a_compute_schedule_resumes_exactly(tmp_path, monkeypatch):
 def test_growth_decided_during_training_has_no_plan(override):
     with pytest.raises(GrowrunError, match=r"^optim.schedule_over=compute: needs the growth plan, which growth.sites="):
         validate(config(override))
+
+
+def test_rewarming_ramps_each_step_after_an_event():
+    assert [rewarm_factor(s, [10, 20], 3) for s in (0, 9, 10, 11, 12, 13, 19, 20, 21, 22, 40)] == \
+        [1, 1, 1 / 3, 2 / 3, 1, 1, 1, 1 / 3, 2 / 3, 1, 1]
+    assert [rewarm_factor(s, [4, 5], 4) for s in (4, 5, 6, 7, 8, 9)] == [1 / 4, 1 / 4, 1 / 2, 3 / 4, 1, 1]  # restarts
+    assert rewarm_factor(11, [10], 0) == 1 and rewarm_factor(11, [], 5) == 1
+
+
+@pytest.mark.slow
+def test_a_run_rewarms_after_each_planned_event_and_resumes_exactly(tmp_path, monkeypatch):
+    """optim.rewarm_epochs=0.5 (2 steps): the logged learning rate is the schedule's, halved at the
+    steps right after events (4 and 8); the planned events are the run's; a resumed run is exact."""
+    over = ["optim.schedule_over=steps", "optim.rewarm_epochs=0.5", "trainer.checkpoint_every=1"]
+    cfg = config(*over)
+    events = compute_plan.planned_event_steps(cfg, 10, (3, 8, 8), 4, 4)
+    assert events == [4, 6, 8]
+    run_module.run(cfg, tmp_path / "full")
+    assert [int(r["step"]) for r in rows(tmp_path / "full" / "growth.csv") if int(r["added"]) > 0] == [4, 4, 6, 6, 8, 8]
+    for row in rows(tmp_path / "full" / "metrics.csv"):  # rows at steps 4, 8, 12, 16
+        step = int(row["step"])
+        scale = 0.5 if step in (4, 8) else 1.0
+        assert float(row["lr"]) == pytest.approx(0.1 * lr_factor(step, 16, cfg.optim, 4) * scale, rel=1e-6), step
+        assert lr_factor(step, 16, cfg.optim, 4, events=events) == pytest.approx(lr_factor(step, 16, cfg.optim, 4) * scale)
+    with interrupted_at(monkeypatch, "step", 6), pytest.raises(KeyboardInterrupt):
+        run_module.run(cfg, tmp_path / "cut")
+    run_module.run(config(*over, "resume=true"), tmp_path / "cut")
+    assert rows(tmp_path / "cut" / "metrics.csv") == rows(tmp_path / "full" / "metrics.csv")
+
+
+@pytest.mark.parametrize("override", ["growth.sites=best_gain", "growth.when=bottleneck"])
+def test_rewarming_needs_planned_events(override):
+    with pytest.raises(GrowrunError, match=r"^optim.rewarm_epochs=0.5: re-warms after the planned growth events"):
+        validate(config("optim.schedule_over=steps", "optim.rewarm_epochs=0.5", override))

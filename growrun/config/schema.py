@@ -69,6 +69,9 @@ class OptimConfig:
     # (a growing run's cheap early steps move it less); train/optim.py, train/compute_plan.py
     schedule_over: str = choices("steps", "steps", "compute")
     min_lr_ratio: float = bounded(0.0, 0.0, 1.0)  # cosine floor, as a fraction of lr
+    # re-warming after each planned growth event: the schedule's lr times (steps since the event
+    # + 1) / R for R = rewarm_epochs x steps per epoch steps; 0 = off (train/optim.py)
+    rewarm_epochs: float = bounded(0.0, 0.0)
     milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of the run
     step_gamma: float = bounded(0.1, 0.0, 1.0, lo_open=True)
 

@@ -62,6 +62,10 @@ def validate(cfg: DictConfig) -> None:
         raise GrowrunError(f"optim.schedule_over=compute: needs the growth plan, which growth.sites={g.sites} / "
                            f"growth.when={g.when} leave to training; use growth.sites=all|round_robin with "
                            "growth.when=schedule, or optim.schedule_over=steps")
+    if cfg.optim.rewarm_epochs > 0 and g.method != NONE and (g.sites == "best_gain" or g.when != "schedule"):
+        raise GrowrunError(f"optim.rewarm_epochs={cfg.optim.rewarm_epochs:g}: re-warms after the planned growth events, "
+                           f"which growth.sites={g.sites} / growth.when={g.when} leave to training; use "
+                           "growth.sites=all|round_robin with growth.when=schedule, or optim.rewarm_epochs=0")
     if g.method != NONE:
         _check_method(cfg)
     if g.normalize == "mean_norm" and g.apply_dw:

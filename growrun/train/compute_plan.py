@@ -47,6 +47,14 @@ def planned_segments(cfg, num_classes: int, input_shape, steps_per_epoch: int, e
     return segments
 
 
+def planned_event_steps(cfg, num_classes: int, input_shape, steps_per_epoch: int, epochs: int) -> list[int]:
+    """The steps of the growth events that add neurons by the plan (for optim.rewarm_epochs);
+    none without re-warming or growth."""
+    if cfg.optim.rewarm_epochs <= 0 or cfg.growth.method == "none":
+        return []
+    return [s for s, _ in planned_segments(cfg, num_classes, input_shape, steps_per_epoch, epochs)[1:]]
+
+
 def clock(segments: list[tuple[int, int]]) -> Callable[[int], int]:
     """c(s): the FLOPs of the first s steps under the segments (exact integers)."""
     starts = [s for s, _ in segments]

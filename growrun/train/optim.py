@@ -14,11 +14,14 @@ The schedule is a LambdaLR stepped once per batch:
 with T the run's steps and c the schedule's clock: optim.schedule_over=steps, c(s) = s;
 optim.schedule_over=compute, c(s) = the planned training FLOPs of the first s steps
 (growrun.train.compute_plan: a growing run's cheap early steps then move the schedule less).
+Re-warming (optim.rewarm_epochs > 0): after a planned growth event at step e, the steps s with
+s - e < R = rewarm_epochs * steps/epoch take the schedule's factor times (s - e + 1) / R.
 """
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,9 +47,24 @@ def by_steps(s: int) -> int:
     return s
 
 
+def rewarm_factor(step: int, events: Sequence[int], length: int) -> float:
+    """(step - e + 1) / length for the last event step e <= step while step - e < length, else 1.
+    An event at step e comes after e optimizer steps: step e (0-based) is the first one after it."""
+    k = bisect.bisect_right(events, step) - 1
+    if length <= 0 or k < 0:
+        return 1.0
+    return min(1.0, (step - events[k] + 1) / length)
+
+
 def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int,
-              clock: Callable[[int], int] = by_steps) -> float:
-    """The multiplier of cfg.lr at optimizer step `step` (0-based) of a run of total_steps."""
+              clock: Callable[[int], int] = by_steps, events: Sequence[int] = ()) -> float:
+    """The multiplier of cfg.lr at optimizer step `step` (0-based) of a run of total_steps; events:
+    the planned growth events' steps, for re-warming."""
+    rewarm = int(round(getattr(cfg, "rewarm_epochs", 0.0) * steps_per_epoch)) if events else 0
+    return _schedule_factor(step, total_steps, cfg, steps_per_epoch, clock) * rewarm_factor(step, events, rewarm)
+
+
+def _schedule_factor(step: int, total_steps: int, cfg, steps_per_epoch: int, clock: Callable[[int], int]) -> float:
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
@@ -60,8 +78,11 @@ def lr_factor(step: int, total_steps: int, cfg, steps_per_epoch: int,
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int,
-                    total_steps: int | None = None, clock: Callable[[int], int] = by_steps) -> LambdaLR:
+                    total_steps: int | None = None, clock: Callable[[int], int] = by_steps,
+                    events: Sequence[int] = ()) -> LambdaLR:
     """total_steps: the run's steps when not epochs x steps_per_epoch (trainer.budget_flops);
-    clock: the schedule's clock (growrun.train.compute_plan for optim.schedule_over=compute)."""
+    clock: the schedule's clock (growrun.train.compute_plan for optim.schedule_over=compute);
+    events: the planned growth events' steps (compute_plan.planned_event_steps), for re-warming."""
     total = max(1, steps_per_epoch * epochs if total_steps is None else total_steps)
-    return LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch, clock))
+    events = sorted(events)
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch, clock, events))
