@@ -17,6 +17,15 @@ from growrun.models.layers import BatchNorm1d, BatchNorm2d, Conv2d
 DT = torch.float64
 
 
+def randomize_bn(bn) -> None:
+    """Non-trivial BatchNorm parameters and running statistics (in place, from torch's RNG)."""
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.3)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+
+
 class SiteNet(nn.Module):
     """pre -> tanh -> L1 -> [BN] -> act -> L2 -> tanh -> flatten -> head (one growth site)."""
 
@@ -40,12 +49,8 @@ class SiteNet(nn.Module):
             self.l2 = nn.Linear(width, m, bias=bias2)
             self.head = nn.Linear(m, classes)
         self.to(dtype)
-        if self.bn is not None and width:  # non-trivial BN parameters and running stats
-            with torch.no_grad():
-                self.bn.weight.uniform_(0.5, 1.5)
-                self.bn.bias.uniform_(-0.3, 0.3)
-                self.bn.running_mean.uniform_(-0.2, 0.2)
-                self.bn.running_var.uniform_(0.5, 2.0)
+        if self.bn is not None and width:
+            randomize_bn(self.bn)
 
     def forward(self, x):
         z = self.l1(torch.tanh(self.pre(x)))

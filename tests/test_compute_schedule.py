@@ -113,8 +113,8 @@ def test_a_run_rewarms_after_each_planned_event_and_resumes_exactly(tmp_path, mo
     steps right after events (4 and 8); the planned events are the run's; a resumed run is exact."""
     over = ["optim.schedule_over=steps", "optim.rewarm_epochs=0.5", "trainer.checkpoint_every=1"]
     cfg = config(*over)
-    events = compute_plan.planned_event_steps(cfg, 10, (3, 8, 8), 4, 4)
-    assert events == [4, 6, 8]
+    clock, events = compute_plan.schedule_plan(cfg, 10, (3, 8, 8), 4, 4)
+    assert events == [4, 6, 8] and clock(7) == 7  # re-warming over steps: the plan's events, the clock of steps
     run_module.run(cfg, tmp_path / "full")
     assert [int(r["step"]) for r in rows(tmp_path / "full" / "growth.csv") if int(r["added"]) > 0] == [4, 4, 6, 6, 8, 8]
     for row in rows(tmp_path / "full" / "metrics.csv"):  # rows at steps 4, 8, 12, 16

@@ -18,6 +18,7 @@ from growrun.growth.site import Neurons, Site, frozen_bn_stats
 from helpers_interrupt import summing_reduce
 from helpers_cli import cli, read_csv
 from helpers_net2net import BASE as N2N_BASE, MLP, MLP_RUN, RESNET, RESNET_RUN, make
+from helpers_sitenet import randomize_bn
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
               pytest.mark.usefixtures("restore_torch_threads")]
@@ -83,11 +84,7 @@ class SmoothNet(nn.Module):
             self.bn, self.head = (nn.BatchNorm1d(width) if bn else None), nn.Linear(5, 4)
         self.to(DT).eval()
         if bn:
-            with torch.no_grad():
-                self.bn.weight.uniform_(0.5, 1.5)
-                self.bn.bias.uniform_(-0.3, 0.3)
-                self.bn.running_mean.uniform_(-0.2, 0.2)
-                self.bn.running_var.uniform_(0.5, 2.0)
+            randomize_bn(self.bn)
 
     def forward(self, x):
         z = self.l1(x)

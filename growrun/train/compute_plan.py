@@ -47,14 +47,6 @@ def planned_segments(cfg, num_classes: int, input_shape, steps_per_epoch: int, e
     return segments
 
 
-def planned_event_steps(cfg, num_classes: int, input_shape, steps_per_epoch: int, epochs: int) -> list[int]:
-    """The steps of the growth events that add neurons by the plan (for optim.rewarm_epochs);
-    none without re-warming or growth."""
-    if cfg.optim.rewarm_epochs <= 0 or cfg.growth.method == "none":
-        return []
-    return [s for s, _ in planned_segments(cfg, num_classes, input_shape, steps_per_epoch, epochs)[1:]]
-
-
 def clock(segments: list[tuple[int, int]]) -> Callable[[int], int]:
     """c(s): the FLOPs of the first s steps under the segments (exact integers)."""
     starts = [s for s, _ in segments]
@@ -69,19 +61,25 @@ def clock(segments: list[tuple[int, int]]) -> Callable[[int], int]:
     return c
 
 
-def schedule_clock(cfg, num_classes: int, input_shape, steps_per_epoch: int, epochs: int):
-    """The LR schedule's clock: steps, or planned compute (optim.schedule_over=compute)."""
-    if cfg.optim.schedule_over != "compute":
-        from growrun.train.optim import by_steps
+def schedule_plan(cfg, num_classes: int, input_shape, steps_per_epoch: int, epochs: int):
+    """(clock, events) of the LR schedule: the clock in steps, or in planned compute
+    (optim.schedule_over=compute); the steps of the growth events that add neurons by the plan,
+    for re-warming (optim.rewarm_epochs > 0; else none). The plan is built once, only if needed."""
+    from growrun.train.optim import by_steps
 
-        return by_steps
+    over_compute, rewarm = cfg.optim.schedule_over == "compute", cfg.optim.rewarm_epochs > 0
+    if not (over_compute or rewarm):
+        return by_steps, []
     segments = planned_segments(cfg, num_classes, input_shape, steps_per_epoch, epochs)
+    events = [s for s, _ in segments[1:]] if rewarm else []
+    if not over_compute:
+        return by_steps, events
     c = clock(segments)
     total = epochs * steps_per_epoch
     if len(segments) > 1:
         log.info("optim.schedule_over=compute: %d planned widths; the first half of the compute ends at step %d "
                  "of %d", len(segments), _half(c, total), total)
-    return c
+    return c, events
 
 
 def _half(c: Callable[[int], int], total: int) -> int:

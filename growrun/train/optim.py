@@ -82,7 +82,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int,
                     events: Sequence[int] = ()) -> LambdaLR:
     """total_steps: the run's steps when not epochs x steps_per_epoch (trainer.budget_flops);
     clock: the schedule's clock (growrun.train.compute_plan for optim.schedule_over=compute);
-    events: the planned growth events' steps (compute_plan.planned_event_steps), for re-warming."""
+    events: the planned growth events' steps (compute_plan.schedule_plan), for re-warming."""
     total = max(1, steps_per_epoch * epochs if total_steps is None else total_steps)
     events = sorted(events)
     return LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch, clock, events))

@@ -30,7 +30,7 @@ from growrun.errors import Diverged, GrowrunError, Interrupted
 from growrun.models import build_model, count_flops, count_params, full_site_widths, initial_arch
 from growrun.train import distributed, runtime
 from growrun.train.budget import plan_budget, resolve_budget
-from growrun.train.compute_plan import planned_event_steps, schedule_clock
+from growrun.train.compute_plan import schedule_plan
 from growrun.train.optim import build_optimizer, build_scheduler
 from growrun.train.outputs import CsvLog, disk_error, has_checkpoint, load_checkpoint, save_checkpoint, write_summary
 from growrun.train.safety import RunLock, StopSignals, check_resume_config
@@ -149,8 +149,7 @@ class _Session:
         budget = resolve_budget(cfg, run_dir, dist.is_main)  # trainer.budget_flops / budget_from
         max_steps = plan_budget(cfg, budget, self.model, self.data.input_shape, steps)
         check_growth(cfg, self.data.num_classes, self.data.input_shape, steps)  # exact: the real data's sizes
-        clock = schedule_clock(cfg, self.data.num_classes, self.data.input_shape, steps, t.epochs)
-        events = planned_event_steps(cfg, self.data.num_classes, self.data.input_shape, steps, t.epochs)
+        clock, events = schedule_plan(cfg, self.data.num_classes, self.data.input_shape, steps, t.epochs)
         scheduler = build_scheduler(optimizer, cfg.optim, steps, t.epochs, max_steps, clock, events)
         growth = _make_growth(cfg, run_dir, self.model, steps, self.data, dist)
         self.trainer = Trainer(cfg, self.model, self.data, self.device, optimizer, scheduler, growth, dist)
