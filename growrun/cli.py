@@ -55,7 +55,8 @@ def train(rest: list[str]) -> int:
 
     from growrun.config import store  # noqa: F401  (registers the schema)
     from growrun.config.precheck import CONFIG_MODULE, CONFIG_NAME, precheck
-    from growrun.sweep import last_sweep_dir, register_resolvers, rerun_plan, run_status, sweep_runs
+    from growrun.rundirs import run_status, sweep_runs
+    from growrun.sweep import last_sweep_dir, register_resolvers, rerun_plan
     from growrun.train.distributed import rank_arguments
 
     register_resolvers()
@@ -85,7 +86,8 @@ def _task(cfg) -> dict:
     from hydra.types import RunMode
 
     from growrun.launch import launcher_kind, requeue_if_preempted, resume_requeued, set_job_threads
-    from growrun.sweep import job_state, read_summary
+    from growrun.rundirs import read_summary
+    from growrun.sweep import job_state
     from growrun.train.run import run
 
     hydra_cfg = HydraConfig.get()
@@ -118,7 +120,8 @@ def resume(rest: list[str]) -> int:
     SIGTERM / SIGINT / SIGHUP / SIGUSR2 to this one reach (growrun.child); a run stopped by a
     signal ends the resume with its non-zero status. A sweep: each job of it (its multirun.yaml,
     so also the jobs never started) in turn, skipping the finished ones (growrun.sweep.job_state)."""
-    from growrun.sweep import job_started, job_state, recorded_jobs, stored_overrides
+    from growrun.rundirs import job_started
+    from growrun.sweep import job_state, recorded_jobs, stored_overrides
 
     if not rest:
         raise GrowrunError("resume needs a run or sweep directory: growrun resume DIR [OVERRIDES]")

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from pathlib import Path
@@ -25,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from growrun.errors import GrowrunError
+from growrun.rundirs import job_order, job_started, read_summary, sweep_runs
 
 UID_ENV = "GROWRUN_UID"
 FINISHED = ("completed", "diverged")  # a re-run sweep skips these jobs
@@ -51,19 +51,6 @@ def last_sweep_dir() -> Path | None:
     return _last_sweep_dir[-1] if _last_sweep_dir else None
 
 
-def run_status(run_dir: Path) -> str:
-    """completed | failed | diverged | interrupted | incomplete (running or crashed: no summary.json)."""
-    return read_summary(run_dir).get("status", "unknown")
-
-
-def read_summary(run_dir: Path) -> dict:
-    """summary.json; {"status": "incomplete"} when it is missing or unreadable."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {"status": "incomplete"}
-
-
 def job_state(run_dir: Path) -> tuple[str, str]:
     """What a re-run sweep does with the job of run_dir: ("skip" | "resume" | "start", what the
     directory holds), e.g. ("resume", "interrupted after 3/20 epochs")."""
@@ -79,22 +66,6 @@ def job_state(run_dir: Path) -> tuple[str, str]:
         done = f" after {summary['epochs_done']}/{summary['epochs']} epochs" if "epochs_done" in summary else ""
         return "resume", status + done
     return "start", f"{status}, no checkpoint"
-
-
-def job_started(run_dir: Path) -> bool:
-    """Whether Hydra set the job of run_dir up: .hydra/overrides.yaml, the last file it writes
-    before the task runs (log file, config.yaml, hydra.yaml, overrides.yaml). A job killed
-    before that (e.g. a parallel launcher's job killed with the sweep) counts as never started,
-    as does one killed between creating overrides.yaml and writing it (an empty file; a written
-    one holds at least `[]`)."""
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    return overrides.is_file() and overrides.stat().st_size > 0
-
-
-def sweep_runs(sweep_dir: Path) -> list[Path]:
-    """Run directories of a sweep (the jobs Hydra set up: job_started), in job order."""
-    runs = [p for p in sweep_dir.iterdir() if job_started(p)] if sweep_dir.is_dir() else []
-    return sorted(runs, key=_job_order)
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -126,7 +97,7 @@ def recorded_jobs(sweep_dir: Path) -> list[tuple[Path, list[str]]]:
         jobs = {sweep_dir / str(i): job for i, job in enumerate(sweep_jobs(task))}
     for run_dir in sweep_runs(sweep_dir):
         jobs[run_dir] = stored_overrides(run_dir)
-    return sorted(jobs.items(), key=lambda item: _job_order(item[0]))
+    return sorted(jobs.items(), key=lambda item: job_order(item[0]))
 
 
 def _multirun_task(path: Path) -> list[str] | None:
@@ -185,7 +156,3 @@ def _settings(overrides: list[str]) -> dict[str, str]:
         if key not in RESUMABLE_CHANGES:
             settings[key] = "(deleted)" if o.is_delete() else o.get_value_element_as_str()
     return settings
-
-
-def _job_order(p: Path) -> tuple:
-    return not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name

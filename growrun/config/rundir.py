@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from growrun.errors import GrowrunError
+from growrun.rundirs import run_status, sweep_runs
 
 # What a run writes once it trains: a directory with none of these (a run that failed before
 # training, e.g. on a missing data file: .hydra/, summary.json "failed") may be reused.
@@ -77,8 +78,6 @@ def _check_writable(key: str, path: Path) -> None:
 
 
 def _check_no_sweep(key: str, path: Path) -> None:
-    from growrun.sweep import sweep_runs
-
     runs = [r for r in sweep_runs(path) if holds_run(r)]
     if runs:
         raise GrowrunError(f"{key}={path}: already holds a sweep ({len(runs)} runs); `growrun resume {path}` "
@@ -86,6 +85,4 @@ def _check_no_sweep(key: str, path: Path) -> None:
 
 
 def _status(path: Path) -> str:
-    from growrun.sweep import run_status
-
     return f"status {run_status(path)}"

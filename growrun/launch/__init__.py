@@ -83,7 +83,7 @@ def set_job_threads(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
 def resume_requeued(cfg: DictConfig, hydra_cfg: DictConfig, run_dir: Path) -> None:
     """A submitit job whose run directory holds the checkpoint of its interrupted (or killed) run
     was requeued: set resume=true, so that it continues from the checkpoint."""
-    from growrun.sweep import run_status
+    from growrun.rundirs import run_status
     from growrun.train.outputs import has_checkpoint
 
     if cfg.resume or launcher_kind(hydra_cfg) != "submitit" or run_status(run_dir) not in REQUEUED:

@@ -2,7 +2,7 @@
 
 A path given to `growrun report` may be
     - a run directory (it holds `.hydra/`),
-    - a sweep directory (its subdirectories are runs; growrun.sweep.sweep_runs),
+    - a sweep directory (its subdirectories are runs; growrun.rundirs.sweep_runs),
     - a directory of sweeps or runs (e.g. outputs/multirun): every run or sweep one level down.
 
 Each run is read into a Run: composed config (.hydra/config.yaml), overrides
@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from growrun.errors import GrowrunError
-from growrun.sweep import run_status, sweep_runs
+from growrun.rundirs import run_status, sweep_runs
 
 
 @dataclass

@@ -33,6 +33,7 @@ import yaml
 
 from growrun.errors import GrowrunError
 from growrun.models import count_flops
+from growrun.rundirs import read_summary, sweep_runs
 
 log = logging.getLogger("growrun")
 BUDGET_FILE = "budget.json"
@@ -44,7 +45,6 @@ def budget_steps(budget: float, flops_per_step: int) -> int:
 
 def run_compute(run_dir: Path) -> float | None:
     """A completed run's compute (train_flops + growth_flops of summary.json); None otherwise."""
-    from growrun.sweep import read_summary  # here, as config/rundir.py does: sweep sits above train
 
     summary = read_summary(run_dir)
     if summary.get("status") != "completed":
@@ -66,7 +66,6 @@ def run_seed_method(run_dir: Path) -> tuple[object, str]:
 
 def grown_runs(sweep: Path, seed) -> list[Path]:
     """The completed growing runs of a sweep directory with this seed (those with a compute)."""
-    from growrun.sweep import sweep_runs
 
     found = []
     for run in sweep_runs(sweep):
@@ -81,7 +80,6 @@ def budget_from(path: Path, seed) -> tuple[float, list[Path]]:
     key = f"trainer.budget_from={path}"
     if not path.is_dir():
         raise GrowrunError(f"{key}: no such directory; give a finished run's directory or a sweep directory")
-    from growrun.sweep import read_summary, sweep_runs
 
     if (path / ".hydra").is_dir():
         compute = run_compute(path)
