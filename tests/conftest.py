@@ -28,7 +28,7 @@ import pytest
 # The helpers_*.py modules' asserts are rewritten like the test modules' (values in the failure message).
 pytest.register_assert_rewrite("helpers_cli", "helpers_matrix", "helpers_neurons", "helpers_net2net",
                                "helpers_proc", "helpers_report", "helpers_sitenet", "helpers_solve",
-                               "helpers_surgery", "helpers_training")
+                               "helpers_surgery", "helpers_training", "helpers_zygote")
 
 # Warnings that a plain `python -m growrun` does not print (Python's default filters; DeprecationWarning
 # only when raised by __main__, which growrun/__main__.py never does).

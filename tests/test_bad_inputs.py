@@ -16,12 +16,12 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import helpers_zygote as zygote
 
 from growrun.config import store  # noqa: F401  (registers the schema)
 from growrun.config.growable import check_growth
@@ -38,8 +38,7 @@ GROWING = ["model=resnet18", "model.width=0.0625", "model.start_fraction=0.01562
 def growrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m growrun ARGS` in a fresh process (run_cli: the same in this process)."""
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "growrun", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return zygote.run(args, cwd=cwd, env=env, timeout=300)
 
 
 # --- configurations in which nothing can grow ----------------------------------------------------

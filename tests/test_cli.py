@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import helpers_zygote as zygote
 
 from growrun.data.fake import write_cifar10
 from growrun.train.outputs import load_checkpoint
@@ -28,8 +29,7 @@ TIME_COLUMNS = {"epoch_seconds", "growth_seconds", "total_seconds"}
 def growrun(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "growrun", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=600)
+    proc = zygote.run(args, cwd=cwd, env=full_env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"growrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -126,8 +126,8 @@ def test_interrupted_run_resumes_exactly(tmp_path):
 
     cut = tmp_path / "cut"
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"}
-    proc = subprocess.Popen([sys.executable, "-m", "growrun", "train", *args, f"hydra.run.dir={cut}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = zygote.Process(["train", *args, f"hydra.run.dir={cut}"], cwd=tmp_path, env=env, stdout=zygote.DEVNULL,
+                          stderr=zygote.PIPE)
     deadline = time.time() + 300
     while not (cut / "metrics.csv").exists() or len(read_csv(cut / "metrics.csv")) < 1:
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be interrupted"
@@ -172,9 +172,8 @@ def test_multirun_gives_each_job_its_own_directory_and_reports_failures(tmp_path
 @pytest.mark.slow
 def test_simultaneous_runs_never_share_a_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"}
-    cmd = [sys.executable, "-m", "growrun", "train", *SMALL, "model=mlp", "model.hidden=[8]", "trainer.epochs=1"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    cmd = ["train", *SMALL, "model=mlp", "model.hidden=[8]", "trainer.epochs=1"]
+    procs = [zygote.Process(cmd, cwd=tmp_path, env=env, stdout=zygote.DEVNULL, stderr=zygote.PIPE) for _ in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 2 and all((r / "summary.json").is_file() for r in runs)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import helpers_zygote as zygote
 import torch
 
 from growrun.train.outputs import load_checkpoint
@@ -40,8 +41,7 @@ def final(run_dir: Path) -> dict:
 
 
 def one_process(root: Path, *extra: str) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "growrun", "train", *ARGS, *extra, f"hydra.run.dir={root / 'run'}"],
-                          cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = zygote.run(["train", *ARGS, *extra, f"hydra.run.dir={root / 'run'}"], cwd=root, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
 

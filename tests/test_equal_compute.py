@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import helpers_zygote as zygote
 from omegaconf import OmegaConf
 
 from growrun.errors import GrowrunError
@@ -51,8 +52,7 @@ def study(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
 
     def growrun(*args):
-        proc = subprocess.run([sys.executable, "-m", "growrun", *args], cwd=root, capture_output=True, text=True,
-                              env=env, timeout=600)
+        proc = zygote.run(args, cwd=root, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import helpers_zygote as zygote
 import torch
 from helpers_training import compose_cfg
 
@@ -45,8 +46,7 @@ def growrun(*args, cwd: Path, kill_at: str | None = None) -> subprocess.Complete
     env = {k: v for k, v in os.environ.items() if k not in ("GROWRUN_UID", KILL_ENV)}
     if kill_at:
         env[KILL_ENV] = kill_at
-    return subprocess.run([sys.executable, "-m", "growrun", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return zygote.run(args, cwd=cwd, env=env, timeout=600)
 
 
 def rows(path: Path) -> list[dict]:
@@ -112,8 +112,8 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, reference):
     args = [*GROW, "trainer.checkpoint_every=0"]  # a checkpoint only because of the signal
     cut = tmp_path / "cut"
     env = {k: v for k, v in os.environ.items() if k not in ("GROWRUN_UID", KILL_ENV)}
-    proc = subprocess.Popen([sys.executable, "-m", "growrun", "train", *args, f"hydra.run.dir={cut}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = zygote.Process(["train", *args, f"hydra.run.dir={cut}"], cwd=tmp_path, env=env, stdout=zygote.DEVNULL,
+                          stderr=zygote.PIPE)
     deadline = time.time() + 300
     while not (cut / "growth.csv").exists() or not rows(cut / "growth.csv"):  # first growth event done
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be signalled"

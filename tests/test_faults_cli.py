@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import helpers_zygote as zygote
 
 from helpers_proc import alive, stat
 
@@ -79,9 +78,8 @@ class Resume:
     """`growrun resume ARGS` in its own session (so that the test can clean up after it)."""
 
     def __init__(self, cwd: Path, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "growrun", "resume", *args], cwd=cwd, env=env(),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        self.proc = zygote.Process(["resume", *args], cwd=cwd, env=env(), stdout=zygote.DEVNULL,
+                                   stderr=zygote.PIPE, start_new_session=True)
         self.child: int | None = None
 
     def training_child(self, run_dir: Path, epochs_before: int) -> int:

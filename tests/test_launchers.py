@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import helpers_zygote as zygote
 import torch
 from hydra.errors import MissingConfigException
 from helpers_proc import alive
@@ -40,8 +41,7 @@ def env(**extra: str) -> dict:
 
 
 def growrun(*args: str, cwd: Path, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "growrun", *args], cwd=cwd, env=env(**extra_env),
-                          capture_output=True, text=True, timeout=600)
+    proc = zygote.run(args, cwd=cwd, env=env(**extra_env), timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -49,8 +49,8 @@ def growrun(*args: str, cwd: Path, check: bool = True, **extra_env: str) -> subp
 
 def start(*args: str, cwd: Path, **extra_env: str) -> subprocess.Popen:
     """`growrun ARGS` in its own process group (the launcher and every job it starts)."""
-    return subprocess.Popen([sys.executable, "-m", "growrun", *args], cwd=cwd, env=env(**extra_env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return zygote.Process(args, cwd=cwd, env=env(**extra_env), stdout=zygote.DEVNULL, stderr=zygote.PIPE,
+                          start_new_session=True)
 
 
 def wait_for(condition, what: str, timeout: float = 300):

@@ -12,11 +12,10 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import helpers_zygote as zygote
 import yaml
 
 from growrun.cli import main as cli_main
@@ -337,8 +336,7 @@ def test_real_sweep_end_to_end(tmp_path):
     sweep_dir = tmp_path / "sweep"
 
     def growrun(*args):
-        return subprocess.run([sys.executable, "-m", "growrun", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return zygote.run(args, cwd=tmp_path, env=env, timeout=600)
 
     train = growrun("train", "-m", *SWEEP, "seed=0,1", f"hydra.sweep.dir={sweep_dir}")
     assert train.returncode == 0, train.stderr[-3000:]
