@@ -5,7 +5,7 @@ OmegaConf checks the types when Hydra composes the YAML tree onto these dataclas
 Each group mirrors a code module:
 
     dataset/  -> growrun.data        model/  -> growrun.models     optim/ -> growrun.train.optim
-    growth/   -> growrun.growth      trainer -> growrun.train.trainer
+    growth/   -> growrun.growth      trainer -> growrun.train.trainer   logger/ -> growrun.loggers
 """
 from __future__ import annotations
 
@@ -188,12 +188,22 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """logger.*: where a run is also logged, besides its CSV files (always written); growrun/loggers/.
+    Several at once: logger=[csv,tensorboard]."""
+    tensorboard: bool = False  # TensorBoard event files (logger=tensorboard)
+    tensorboard_dir: Optional[str] = None  # None: <run dir>/tensorboard; else <this dir>/<run name>
+    name: Optional[str] = None  # the run's name in a shared logger directory (None: the run directory's name)
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = bounded(0, 0)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     resume: bool = False  # continue from <run dir>/checkpoints/last.pt when it exists

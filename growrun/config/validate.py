@@ -15,6 +15,7 @@ from growrun.config.schema import TrainConfig
 from growrun.errors import GrowrunError
 from growrun.growth import methods
 from growrun.growth.methods import NONE
+from growrun.loggers import check_backends
 
 # growrun's flat method keys before each method's options moved into its node growth.<method>
 # (growrun/growth/methods/): an override of an old key is told the new one, and a checkpoint's
@@ -68,6 +69,7 @@ def validate(cfg: DictConfig) -> None:
                            "growth.sites=all|round_robin with growth.when=schedule, or optim.rewarm_epochs=0")
     if g.method != NONE:
         _check_method(cfg)
+    check_backends(cfg.logger)
     if g.normalize == "mean_norm" and g.apply_dw:
         raise GrowrunError("growth.apply_dw=true: not with growth.normalize=mean_norm, which inserts without a line "
                            "search (the layers' scale is the amplitude), so dW2* would get no amplitude; use "

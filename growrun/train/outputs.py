@@ -86,10 +86,13 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
 
 
 class CsvLog:
-    """An append-only CSV file with a fixed header; each row is flushed when written."""
+    """An append-only CSV file with a fixed header; each row is flushed when written. After the
+    rows are on disk, each of `listeners` (the run's loggers, growrun/loggers/) gets them as
+    written: {column: value}, floats as their CSV text."""
 
     def __init__(self, path: Path, columns: list[str]):
         self.path, self.columns = path, columns
+        self.listeners: list = []
 
     def start(self, keep=None) -> None:
         """Begin the file; with `keep` (a predicate on rows), keep the existing matching rows."""
@@ -109,15 +112,17 @@ class CsvLog:
         atomic_write(self.path, write)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        written = [{k: _fmt(v) for k, v in row.items() if k in self.columns} for row in rows]
         try:
             with self.path.open("a", newline="") as f:
-                w = csv.DictWriter(f, self.columns, extrasaction="ignore")
-                for row in rows:
-                    w.writerow({k: _fmt(v) for k, v in row.items()})
+                w = csv.DictWriter(f, self.columns)
+                w.writerows(written)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as ex:
             raise (disk_error(ex, self.path) or ex) from None
+        for listener in self.listeners:
+            listener(written)
 
 
 def _fmt(v: Any) -> Any:

@@ -27,6 +27,8 @@ from growrun.config.growable import check_growth
 from growrun.config.validate import validate
 from growrun.data import load_data
 from growrun.errors import Diverged, GrowrunError, Interrupted
+from growrun.loggers import Loggers
+from growrun.loggers import chosen as chosen_loggers
 from growrun.models import build_model, count_flops, count_params, full_site_widths, initial_arch
 from growrun.train import distributed, runtime
 from growrun.train.budget import plan_budget, resolve_budget
@@ -119,6 +121,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, dist) -> dict:
                 write_summary(run_dir / "summary.json", summary)
         except GrowrunError as ex:  # e.g. the disk is full: the error being raised says more
             log.error("%s", ex)
+        if session is not None and session.loggers is not None:
+            session.loggers.finish(summary)
+            session.loggers.close()
 
 
 class _Session:
@@ -176,6 +181,13 @@ class _Session:
             self.metrics.start(keep=(lambda row: int(row["epoch"]) <= done) if ckpt else None)
         if growth is not None:
             growth.start_log(keep_until_step=self.trainer.step if ckpt else None, write=dist.is_main)
+        self.loggers = None  # logger=...: rank 0 only, fed by the CSV files' rows (growrun/loggers/)
+        if dist.is_main and chosen_loggers(cfg.logger):
+            self.loggers = Loggers.open(cfg, run_dir, self.trainer.step if ckpt else None,
+                                        OmegaConf.to_container(cfg, resolve=True))
+            self.metrics.listeners.append(self.loggers.epoch)
+            if growth is not None:
+                growth.log.listeners.append(self.loggers.growth)
 
     def _metric_columns(self) -> list[str]:
         cols = ["epoch", "step", "lr", "train_loss", "train_acc"]

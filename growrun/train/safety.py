@@ -17,7 +17,7 @@ LOCK_FILE = ".lock"
 # keys a resumed run may change: the run's length and how it is run, not what it computes
 RESUMABLE_CHANGES = ("resume", "trainer.epochs", "growth.extra_epochs", "trainer.progress", "trainer.threads",
                      "trainer.checkpoint", "trainer.checkpoint_every", "trainer.checkpoint_minutes",
-                     "trainer.deterministic", "dataset.root", "dataset.verify", "device")
+                     "trainer.deterministic", "dataset.root", "dataset.verify", "device", "logger")
 
 
 class RunLock:

@@ -1,0 +1,175 @@
+"""logger=tensorboard (growrun/loggers/): what TensorBoard's own event reader finds equals the
+run's metrics.csv / growth.csv cell for cell, one value per tag and step, also after a kill and a
+resume; the config reaches the HParams dashboard; a missing package is a one-line refusal; a
+logger that fails mid-run is dropped and the run goes on."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import helpers_zygote as zygote
+import pytest
+from helpers_cli import read_csv
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+from tensorboard.util import tensor_util  # noqa: E402
+
+from growrun.faults import ENV as KILL_ENV  # noqa: E402
+from growrun.loggers.tensorboard import TensorBoard, keep_until  # noqa: E402
+
+# An MLP on 8x8 synthetic images grown by TINY at steps 4, 6, 8, 10 (4 steps per epoch), 3 epochs.
+GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "dataset.image_size=8", "model=mlp",
+        "model.hidden=[32,32]", "model.start_fraction=0.125", "growth=tiny", "growth.steps=2", "growth.dt=0.5",
+        "growth.samples=128", "growth.stats_batch_size=64", "growth.line_search.batch_size=64",
+        "trainer.batch_size=64", "trainer.epochs=3", "trainer.threads=1", "trainer.progress=off", "logger=tensorboard"]
+
+
+def read_events(event_dir: Path, purge: bool = True) -> EventAccumulator:
+    events = EventAccumulator(str(event_dir), size_guidance={"tensors": 0, "scalars": 0}, purge_orphaned_data=purge)
+    events.Reload()
+    return events
+
+
+def logged(events: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of every float scalar."""
+    out = {}
+    for tag in events.Tags()["tensors"]:
+        values = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+        if values and values[0][1].dtype.kind == "f":
+            out[tag] = [(step, float(v)) for step, v in values]
+    return out
+
+
+def expected(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} the CSV files say the logger should hold."""
+    want: dict[str, dict[int, float]] = {}
+    for row in read_csv(run_dir / "metrics.csv"):
+        for key, text in row.items():
+            if key != "step" and text != "":
+                want.setdefault(f"metrics/{key}", {})[int(row["step"])] = float(text)
+    for row in read_csv(run_dir / "growth.csv"):
+        for key, text in row.items():
+            try:
+                value = float(text)
+            except ValueError:
+                continue
+            if key != "step":
+                want.setdefault(f"growth/{row['site']}/{key}", {})[int(row["step"])] = value
+    return want
+
+
+def assert_equals_csv(run_dir: Path) -> None:
+    got = {tag: values for tag, values in logged(read_events(run_dir / "tensorboard")).items()
+           if not tag.startswith("summary/")}
+    want = expected(run_dir)
+    assert set(got) == set(want)
+    for tag, values in got.items():
+        steps = [step for step, _ in values]
+        assert len(steps) == len(set(steps)), f"{tag}: a step logged twice: {steps}"
+        for step, value in values:
+            w = want[tag][step]
+            assert value == w or (math.isnan(value) and math.isnan(w)), (tag, step, value, w)
+        assert set(steps) == set(want[tag]), tag
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_every_csv_cell_the_config_and_the_summary(tmp_path, run_cli):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *GROW, "optim.lr=0.0625", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_csv(run_dir / "growth.csv")) == 8 and len(read_csv(run_dir / "metrics.csv")) == 3
+    assert_equals_csv(run_dir)
+    events = read_events(run_dir / "tensorboard")
+    info = plugin_data_pb2.HParamsPluginData.FromString(
+        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert info.hparams["optim.lr"].number_value == 0.0625 and info.hparams["growth.method"].string_value == "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = logged(events)
+    assert final["summary/test_acc"] == [(summary["step"], summary["final"]["test_acc"])]
+    assert final["summary/train_flops"] == [(summary["step"], float(summary["train_flops"]))]
+    texts = [tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in events.Tensors("growth/fc1/event/text_summary")]
+    rows = [r for r in read_csv(run_dir / "growth.csv") if r["site"] == "fc1"]
+    assert [f"added {r['added']}, reason {r['reason']}" in t for r, t in zip(rows, texts)] == [True] * 4
+
+
+@pytest.mark.slow
+def test_tensorboard_after_a_kill_and_resume_holds_each_step_once(tmp_path):
+    """Killed while writing the checkpoint of epoch 2, after epoch 2's rows were logged: the
+    resumed run logs epoch 2 again; the killed attempt's copy is gone from the files themselves,
+    for readers that purge restarts (TensorBoard's event reader) and for those that do not."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("GROWRUN_UID", KILL_ENV)}
+    killed = zygote.run(["train", *GROW, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                        env={**env, KILL_ENV: "write:last.pt:2"}, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert len(read_csv(run_dir / "metrics.csv")) == 2  # epoch 2 logged, its checkpoint not written
+    resumed = zygote.run(["resume", str(run_dir)], cwd=tmp_path, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_equals_csv(run_dir)
+    raw = Counter(e.step for e in read_events(run_dir / "tensorboard", purge=False).Tensors("metrics/test_acc"))
+    assert raw == {4: 1, 8: 1, 12: 1}  # (the killed attempt had logged step 8: metrics.csv's 2 rows above)
+
+
+def test_a_missing_backend_is_a_one_line_refusal(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    proc = run_cli("train", *GROW, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "growrun: error: logger.tensorboard=true: needs the tensorboard package, which is not installed; "
+        "pip install 'growrun[tensorboard]' (or choose another logger)"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_logger_failing_mid_run_is_dropped_and_the_run_goes_on(tmp_path, run_cli, monkeypatch):
+    calls = []
+    real = TensorBoard.epoch
+
+    def fails_second_time(self, rows):
+        calls.append(rows)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(self, rows)
+
+    monkeypatch.setattr(TensorBoard, "epoch", fails_second_time)
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *GROW, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "logger tensorboard failed in epoch (OSError" in said and "dropped" in said
+    assert len(calls) == 2 and len(read_csv(run_dir / "metrics.csv")) == 3
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    steps = [step for step, _ in logged(read_events(run_dir / "tensorboard"))["metrics/test_acc"]]
+    assert steps == [4]  # epoch 1 only: nothing after the failure, nothing half-written
+
+
+def test_keep_until_keeps_the_early_steps_and_finishes_or_drops_an_interrupted_swap(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    d = tmp_path / "tb"
+    writer = SummaryWriter(str(d))
+    for step in range(5):
+        writer.add_scalar("x", float(step), step, new_style=True, double_precision=True)
+    writer.close()
+
+    def steps() -> list[int]:
+        return [step for step, _ in logged(read_events(d, purge=False))["x"]]
+
+    keep_until(d, 2)
+    assert steps() == [0, 1, 2] and len(list(d.iterdir())) == 1
+    # killed between the swap's renames: <dir> gone, <dir>.old and the complete <dir>.tmp left
+    shutil.copytree(d, tmp_path / "tb.tmp")
+    os.replace(d, tmp_path / "tb.old")
+    keep_until(d, 1)
+    assert steps() == [0, 1] and sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
+    # killed while writing <dir>.tmp: <dir> intact, the partial <dir>.tmp dropped
+    (tmp_path / "tb.tmp").mkdir()
+    (tmp_path / "tb.tmp" / "events.out.tfevents.partial").write_bytes(b"\x00" * 7)
+    keep_until(d, 5)
+    assert steps() == [0, 1] and sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
