@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a logger costs a run: the time of each backend call (growrun/loggers/), fed the rows of a
 cifar10_tiny-shaped run: 20 epochs of metrics.csv rows (22 columns: 14 metrics and 8 site widths)
-and 8 growth events of 8 growth.csv rows (30 columns each). A logger is called once per epoch and
+and 8 growth events of 8 growth.csv rows (30 columns each); MLflow into a local sqlite store. A logger is called once per epoch and
 once per growth event, never per step, so its share of a run is (epochs x epoch call + events x
 event call) / the run's wall time.
 
@@ -46,8 +46,9 @@ def rows(epochs: int, events: int, steps_per_epoch: int = 390):
 def time_backend(name: str, epochs: int, events: int) -> dict:
     metrics, growth = rows(epochs, events)
     with tempfile.TemporaryDirectory() as tmp:
-        opts = SimpleNamespace(**{b: b == name for b in BACKENDS}, tensorboard_dir=None, name=None)
-        cfg = SimpleNamespace(logger=opts)
+        opts = SimpleNamespace(**{b: b == name for b in BACKENDS}, tensorboard_dir=None, name=None,
+                               tracking_uri=f"sqlite:///{tmp}/mlflow.db", project="bench")
+        cfg = SimpleNamespace(logger=opts, trainer=SimpleNamespace(checkpoint=True))
         t0 = time.perf_counter()
         loggers = Loggers.open(cfg, Path(tmp), None, {"model": {"name": "resnet18"}, "seed": 0})
         opened = time.perf_counter() - t0
@@ -59,6 +60,7 @@ def time_backend(name: str, epochs: int, events: int) -> dict:
                 event_calls.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             loggers.epoch([row])
+            loggers.checkpointed(row["step"])  # the end-of-epoch checkpoint (MLflow sends then)
             epoch_calls.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         loggers.finish({"status": "completed", "step": metrics[-1]["step"], "final": {"test_acc": 0.85}})

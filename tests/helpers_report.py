@@ -35,7 +35,8 @@ BASE_CONFIG = {  # the composed config (.hydra/config.yaml) of a synthetic ResNe
     "trainer": {"epochs": 3, "batch_size": 64, "eval_batch_size": 1000, "label_smoothing": 0.0,
                 "precision": "fp32", "progress": "off", "eval_every": 1, "threads": 1, "deterministic": True,
                 "channels_last": True, "checkpoint": True},
-    "logger": {"tensorboard": False, "tensorboard_dir": None, "name": None},
+    "logger": {"tensorboard": False, "tensorboard_dir": None, "mlflow": False, "tracking_uri": None,
+               "project": "growrun", "name": None},
     "seed": 0, "device": "auto", "resume": False,
 }
 

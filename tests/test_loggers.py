@@ -65,10 +65,10 @@ def expected(run_dir: Path) -> dict[str, dict[int, float]]:
     return want
 
 
-def assert_equals_csv(run_dir: Path) -> None:
-    got = {tag: values for tag, values in logged(read_events(run_dir / "tensorboard")).items()
-           if not tag.startswith("summary/")}
-    want = expected(run_dir)
+def assert_equals_csv(got: dict[str, list[tuple[int, float]]], run_dir: Path, key=lambda tag: tag) -> None:
+    """got ({tag: [(step, value)]}, the summary's tags left out) holds every CSV cell once, equal."""
+    got = {tag: values for tag, values in got.items() if not tag.startswith("summary/")}
+    want = {key(tag): values for tag, values in expected(run_dir).items()}
     assert set(got) == set(want)
     for tag, values in got.items():
         steps = [step for step, _ in values]
@@ -79,13 +79,41 @@ def assert_equals_csv(run_dir: Path) -> None:
         assert set(steps) == set(want[tag]), tag
 
 
+def tensorboard_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    return logged(read_events(run_dir / "tensorboard"))
+
+
+def mlflow_logged(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics}
+
+
+def kill_and_resume(tmp_path: Path, *extra: str) -> Path:
+    """GROW killed while writing the checkpoint of epoch 2, after epoch 2's rows were logged (the
+    killed attempt logged step 8), then resumed to the end."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("GROWRUN_UID", KILL_ENV)}
+    killed = zygote.run(["train", *GROW, *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                        env={**env, KILL_ENV: "write:last.pt:2"}, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert len(read_csv(run_dir / "metrics.csv")) == 2  # epoch 2 logged, its checkpoint not written
+    resumed = zygote.run(["resume", str(run_dir)], cwd=tmp_path, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return run_dir
+
+
+# --- logger=tensorboard, read back by TensorBoard's event reader -------------------------------------
+
 @pytest.mark.slow
 def test_tensorboard_holds_every_csv_cell_the_config_and_the_summary(tmp_path, run_cli):
     run_dir = tmp_path / "run"
     proc = run_cli("train", *GROW, "optim.lr=0.0625", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(read_csv(run_dir / "growth.csv")) == 8 and len(read_csv(run_dir / "metrics.csv")) == 3
-    assert_equals_csv(run_dir)
+    assert_equals_csv(tensorboard_logged(run_dir), run_dir)
     events = read_events(run_dir / "tensorboard")
     info = plugin_data_pb2.HParamsPluginData.FromString(
         events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
@@ -101,18 +129,10 @@ def test_tensorboard_holds_every_csv_cell_the_config_and_the_summary(tmp_path, r
 
 @pytest.mark.slow
 def test_tensorboard_after_a_kill_and_resume_holds_each_step_once(tmp_path):
-    """Killed while writing the checkpoint of epoch 2, after epoch 2's rows were logged: the
-    resumed run logs epoch 2 again; the killed attempt's copy is gone from the files themselves,
-    for readers that purge restarts (TensorBoard's event reader) and for those that do not."""
-    run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("GROWRUN_UID", KILL_ENV)}
-    killed = zygote.run(["train", *GROW, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                        env={**env, KILL_ENV: "write:last.pt:2"}, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert len(read_csv(run_dir / "metrics.csv")) == 2  # epoch 2 logged, its checkpoint not written
-    resumed = zygote.run(["resume", str(run_dir)], cwd=tmp_path, env=env, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_equals_csv(run_dir)
+    """The resumed run logs epoch 2 again; the killed attempt's copy is gone from the files
+    themselves, for readers that purge restarts (TensorBoard's event reader) and for those that do not."""
+    run_dir = kill_and_resume(tmp_path)
+    assert_equals_csv(tensorboard_logged(run_dir), run_dir)
     raw = Counter(e.step for e in read_events(run_dir / "tensorboard", purge=False).Tensors("metrics/test_acc"))
     assert raw == {4: 1, 8: 1, 12: 1}  # (the killed attempt had logged step 8: metrics.csv's 2 rows above)
 
@@ -145,7 +165,7 @@ def test_a_logger_failing_mid_run_is_dropped_and_the_run_goes_on(tmp_path, run_c
     assert "logger tensorboard failed in epoch (OSError" in said and "dropped" in said
     assert len(calls) == 2 and len(read_csv(run_dir / "metrics.csv")) == 3
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
-    steps = [step for step, _ in logged(read_events(run_dir / "tensorboard"))["metrics/test_acc"]]
+    steps = [step for step, _ in tensorboard_logged(run_dir)["metrics/test_acc"]]
     assert steps == [4]  # epoch 1 only: nothing after the failure, nothing half-written
 
 
@@ -173,3 +193,53 @@ def test_keep_until_keeps_the_early_steps_and_finishes_or_drops_an_interrupted_s
     (tmp_path / "tb.tmp" / "events.out.tfevents.partial").write_bytes(b"\x00" * 7)
     keep_until(d, 5)
     assert steps() == [0, 1] and sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
+
+
+# --- logger=mlflow, with a real local tracking store (a sqlite file) read back by MLflow's client -----
+
+@pytest.mark.slow
+def test_mlflow_holds_every_csv_cell_the_params_the_status_and_the_files(tmp_path, run_cli):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *GROW, "logger=mlflow", f"logger.tracking_uri={uri}", "logger.project=study",
+                   "optim.lr=0.0625", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = json.loads((run_dir / "loggers.json").read_text())["mlflow"]["run_id"]
+    assert_equals_csv(mlflow_logged(uri, run_id), run_dir, key=lambda tag: tag.replace(":", "/"))
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert client.get_experiment(run.info.experiment_id).name == "study"
+    assert run.data.params["optim.lr"] == "0.0625" and run.data.params["growth.method"] == "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert run.data.metrics["summary/test_acc"] == summary["final"]["test_acc"]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"metrics.csv", "growth.csv", "summary.json"}
+
+
+@pytest.mark.slow
+def test_mlflow_after_a_kill_and_resume_continues_the_same_run_with_each_step_once(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = kill_and_resume(tmp_path, "logger=mlflow", f"logger.tracking_uri={uri}")
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("growrun").experiment_id])
+    assert [r.info.run_id for r in runs] == [json.loads((run_dir / "loggers.json").read_text())["mlflow"]["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    assert_equals_csv(mlflow_logged(uri, runs[0].info.run_id), run_dir, key=lambda tag: tag.replace(":", "/"))
+
+
+def test_an_unreachable_tracking_server_is_a_one_line_error_before_training(tmp_path, run_cli):
+    pytest.importorskip("mlflow")
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *GROW, "logger=mlflow", "logger.tracking_uri=http://127.0.0.1:9",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith(
+        "growrun: error: logger.mlflow: cannot use the tracking store http://127.0.0.1:9 ("), proc.stderr[-2000:]
+    assert lines[-1].endswith("check logger.tracking_uri")
+    assert not (run_dir / "metrics.csv").exists() or len(read_csv(run_dir / "metrics.csv")) == 0

@@ -190,10 +190,13 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     """logger.*: where a run is also logged, besides its CSV files (always written); growrun/loggers/.
-    Several at once: logger=[csv,tensorboard]."""
+    Several at once: logger=[tensorboard,mlflow]."""
     tensorboard: bool = False  # TensorBoard event files (logger=tensorboard)
     tensorboard_dir: Optional[str] = None  # None: <run dir>/tensorboard; else <this dir>/<run name>
-    name: Optional[str] = None  # the run's name in a shared logger directory (None: the run directory's name)
+    mlflow: bool = False  # an MLflow run (logger=mlflow)
+    tracking_uri: Optional[str] = None  # mlflow: e.g. sqlite:///mlflow.db, http://host:5000 (None: MLflow's default)
+    project: str = "growrun"  # mlflow: the experiment the run goes to
+    name: Optional[str] = None  # the run's name under tensorboard_dir and in MLflow (None: the run directory's name)
 
 
 @dataclass

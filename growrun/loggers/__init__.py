@@ -8,6 +8,9 @@ there (floats as their 8-digit CSV text), so what it shows equals the files.
     Loggers.open(cfg, run_dir, resumed_step)   on rank 0; resumed_step: the step of the
                                                checkpoint a resumed run continues (None: a new run)
     .epoch(rows) / .growth(rows)               listeners of the metrics.csv / growth.csv CsvLog
+    .checkpointed(step)                        the run wrote a checkpoint at step (a backend that
+                                               cannot take values back sends them then; without
+                                               checkpoints, at once)
     .finish(summary)                           summary.json's content, once, at the end
     .close()
 
@@ -30,7 +33,8 @@ from growrun.errors import GrowrunError
 log = logging.getLogger("growrun")
 
 # logger.<key>: (module of growrun.loggers, its class, the package it needs, the pip extra)
-BACKENDS = {"tensorboard": ("tensorboard", "TensorBoard", "tensorboard", "tensorboard")}
+BACKENDS = {"tensorboard": ("tensorboard", "TensorBoard", "tensorboard", "tensorboard"),
+            "mlflow": ("mlflow", "MLflow", "mlflow", "mlflow")}
 
 
 def chosen(opts) -> list[str]:
@@ -64,6 +68,14 @@ def numbers(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def summary_numbers(summary: dict) -> dict[str, float]:
+    """The final numbers of summary.json: the final losses and accuracies, best accuracy, size,
+    compute and times."""
+    keys = ("best_test_acc", "best_epoch", "params", "flops_per_image", "train_flops", "growth_flops",
+            "total_seconds", "growth_seconds")
+    return numbers({**summary.get("final", {}), **{k: summary[k] for k in keys if k in summary}})
+
+
 def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
     """A resolved config as {dotted key: int | float | str | bool} (None and lists as text)."""
     out: dict[str, Any] = {}
@@ -80,8 +92,8 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
 class Loggers:
     """The chosen backends of one run (rank 0), each call fanned out to all of them."""
 
-    def __init__(self, backends: list):
-        self.backends = backends
+    def __init__(self, backends: list, checkpoints: bool = True):
+        self.backends, self.checkpoints = backends, checkpoints
 
     @classmethod
     def open(cls, cfg, run_dir: Path, resumed_step: int | None, config: dict) -> "Loggers":
@@ -95,13 +107,20 @@ class Loggers:
                 for b in backends:
                     b.close()
                 raise
-        return cls(backends)
+        return cls(backends, checkpoints=bool(cfg.trainer.checkpoint))
 
     def epoch(self, rows: list[dict]) -> None:
         self._each("epoch", rows)
+        if not self.checkpoints:
+            self._each("checkpointed", int(rows[-1]["step"]))
 
     def growth(self, rows: list[dict]) -> None:
         self._each("growth", rows)
+        if not self.checkpoints:
+            self._each("checkpointed", int(rows[-1]["step"]))
+
+    def checkpointed(self, step: int) -> None:
+        self._each("checkpointed", step)
 
     def finish(self, summary: dict) -> None:
         self._each("finish", summary)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from growrun.loggers import flat_config, numbers
+from growrun.loggers import flat_config, numbers, summary_numbers
 
 # the headline numbers declared to TensorBoard's HParams dashboard (its metric columns)
 HPARAM_METRICS = ("metrics/test_acc", "metrics/test_loss", "metrics/val_acc", "metrics/train_loss")
@@ -82,14 +82,14 @@ class TensorBoard:
 
     def finish(self, summary: dict) -> None:
         step = max(self.last_step, int(summary.get("step", 0)))
-        final = {**summary.get("final", {}), **{k: summary[k] for k in
-                                                ("best_test_acc", "best_epoch", "params", "flops_per_image",
-                                                 "train_flops", "growth_flops", "total_seconds", "growth_seconds")
-                                                if k in summary}}
-        for key, value in numbers(final).items():
+        final = summary_numbers(summary)
+        for key, value in final.items():
             self._scalar(f"summary/{key}", value, step)
         self.writer.add_text("summary", _code(json.dumps(summary, indent=1, default=str)), step)
         self.writer.flush()
+
+    def checkpointed(self, step: int) -> None:
+        pass  # every call is written at once (a resume drops what comes after its checkpoint)
 
     def close(self) -> None:
         self.writer.close()

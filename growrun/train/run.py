@@ -286,6 +286,8 @@ class _Session:
             "growth_seconds": self.growth_seconds, "best": list(self.best), "last": self.last,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         })
+        if self.loggers is not None:
+            self.loggers.checkpointed(self.trainer.step)
 
     def _growth_flops(self) -> int:
         growth = self.trainer.growth
