@@ -66,6 +66,8 @@ def train(rest: list[str]) -> int:
     rank_arguments(args)  # under torchrun: ranks other than 0 write no Hydra output of their own
     if not (args.help or args.hydra_help or args.info or args.shell_completion):
         first = precheck(args)
+        if "optuna" in str(first.hydra.sweeper.get("_target_", "")) and not args.multirun:
+            return _fail("hparams_search: a search is a sweep of trials; add -m (growrun train -m hparams_search=...)")
         if args.multirun and not args.cfg:
             for line in rerun_plan(first, args.overrides):  # a re-run sweep: skip, resume or start each job
                 print(f"growrun: {line}", file=sys.stderr)
@@ -101,7 +103,7 @@ def _task(cfg) -> dict:
             return read_summary(run_dir)
     set_job_threads(cfg, hydra_cfg)
     try:
-        return run(cfg, run_dir)
+        return _objective(run(cfg, run_dir), cfg.optimized_metric)
     except KeyboardInterrupt as ex:  # growrun.errors.Interrupted: stopped by a signal, checkpoint written
         if launcher_kind(hydra_cfg) != "submitit":
             raise  # the signal ends the sweep
@@ -113,6 +115,17 @@ def _task(cfg) -> dict:
             print(f"growrun: error: [{run_dir}] {ex}", file=sys.stderr)
             return {"status": "failed", "error": str(ex)}
         sys.exit(_fail(str(ex)))
+
+
+def _objective(summary: dict, metric: str | None):
+    """The task's return value: the summary, or for a search (optimized_metric) the number the
+    sweeper optimises (NaN when the run has none: Optuna marks the trial failed)."""
+    if metric is None:
+        return summary
+    value = summary
+    for part in metric.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def resume(rest: list[str]) -> int:

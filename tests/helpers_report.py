@@ -37,7 +37,7 @@ BASE_CONFIG = {  # the composed config (.hydra/config.yaml) of a synthetic ResNe
                 "channels_last": True, "checkpoint": True},
     "logger": {"tensorboard": False, "tensorboard_dir": None, "mlflow": False, "tracking_uri": None,
                "project": "growrun", "name": None},
-    "seed": 0, "device": "auto", "resume": False,
+    "seed": 0, "device": "auto", "resume": False, "optimized_metric": None,
 }
 
 

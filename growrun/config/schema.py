@@ -210,3 +210,7 @@ class TrainConfig:
     seed: int = bounded(0, 0)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     resume: bool = False  # continue from <run dir>/checkpoints/last.pt when it exists
+    # what a hyper-parameter search maximises or minimises (hparams_search=...): this summary.json
+    # number of each trial is its objective (cli._task returns it to the sweeper; NaN when missing)
+    optimized_metric: Optional[str] = choices(None, "final.val_acc", "final.val_loss", "final.test_acc",
+                                              "final.test_loss", "final.train_acc", "final.train_loss", "best_test_acc")

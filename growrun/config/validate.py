@@ -70,6 +70,9 @@ def validate(cfg: DictConfig) -> None:
     if g.method != NONE:
         _check_method(cfg)
     check_backends(cfg.logger)
+    if (cfg.optimized_metric or "").startswith("final.val") and cfg.dataset.val_size == 0:
+        raise GrowrunError(f"optimized_metric={cfg.optimized_metric}: needs a validation split held out of training; "
+                           "set dataset.val_size (e.g. 1000), so that the search does not tune on the test set")
     if g.normalize == "mean_norm" and g.apply_dw:
         raise GrowrunError("growth.apply_dw=true: not with growth.normalize=mean_norm, which inserts without a line "
                            "search (the layers' scale is the amplitude), so dW2* would get no amplitude; use "
