@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a logger costs a run: the time of each backend call (growrun/loggers/), fed the rows of a
 cifar10_tiny-shaped run: 20 epochs of metrics.csv rows (22 columns: 14 metrics and 8 site widths)
-and 8 growth events of 8 growth.csv rows (30 columns each); MLflow into a local sqlite store. A logger is called once per epoch and
+and 8 growth events of 8 growth.csv rows (30 columns each); MLflow into a local sqlite store, W&B offline. A logger is called once per epoch and
 once per growth event, never per step, so its share of a run is (epochs x epoch call + events x
 event call) / the run's wall time.
 
@@ -47,7 +47,8 @@ def time_backend(name: str, epochs: int, events: int) -> dict:
     metrics, growth = rows(epochs, events)
     with tempfile.TemporaryDirectory() as tmp:
         opts = SimpleNamespace(**{b: b == name for b in BACKENDS}, tensorboard_dir=None, name=None,
-                               tracking_uri=f"sqlite:///{tmp}/mlflow.db", project="bench")
+                               tracking_uri=f"sqlite:///{tmp}/mlflow.db", project="bench", mode="offline",
+                               entity=None)
         cfg = SimpleNamespace(logger=opts, trainer=SimpleNamespace(checkpoint=True))
         t0 = time.perf_counter()
         loggers = Loggers.open(cfg, Path(tmp), None, {"model": {"name": "resnet18"}, "seed": 0})

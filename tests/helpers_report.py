@@ -36,7 +36,7 @@ BASE_CONFIG = {  # the composed config (.hydra/config.yaml) of a synthetic ResNe
                 "precision": "fp32", "progress": "off", "eval_every": 1, "threads": 1, "deterministic": True,
                 "channels_last": True, "checkpoint": True},
     "logger": {"tensorboard": False, "tensorboard_dir": None, "mlflow": False, "tracking_uri": None,
-               "project": "growrun", "name": None},
+               "wandb": False, "mode": "online", "entity": None, "project": "growrun", "name": None},
     "seed": 0, "device": "auto", "resume": False, "optimized_metric": None,
 }
 

@@ -16,6 +16,7 @@ environment, as OpenMP would.
 
     run(args, cwd=..., env=..., timeout=...)          like subprocess.run(capture_output=True, text=True)
     Process(args, cwd=..., env=..., stdout=PIPE, ...)  like subprocess.Popen(text=True)
+    signal_when(proc, ready, signum)                   signal a Process once ready() holds, wait for it
 
 GROWRUN_TEST_ZYGOTE=0 (or a system without fork / descriptor passing) runs every command as
 `sys.executable -m growrun` instead. Launcher jobs and torchrun ranks start their own
@@ -304,6 +305,17 @@ class Process:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def signal_when(proc: Process, ready, signum: int, timeout: float = 300) -> tuple[str | None, str | None]:
+    """Wait until ready() is true while proc runs (poll every 20 ms), send it signum, and return
+    its communicate() once it has ended; AssertionError if it ends first or takes too long."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    return proc.communicate(timeout=120)
 
 
 def run(args, *, cwd, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -128,12 +127,8 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"}
     proc = zygote.Process(["train", *args, f"hydra.run.dir={cut}"], cwd=tmp_path, env=env, stdout=zygote.DEVNULL,
                           stderr=zygote.PIPE)
-    deadline = time.time() + 300
-    while not (cut / "metrics.csv").exists() or len(read_csv(cut / "metrics.csv")) < 1:
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be interrupted"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    zygote.signal_when(proc, lambda: (cut / "metrics.csv").exists() and len(read_csv(cut / "metrics.csv")) >= 1,
+                       signal.SIGINT)
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["epochs_done"] < 4
 

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -114,12 +113,8 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, reference):
     env = {k: v for k, v in os.environ.items() if k not in ("GROWRUN_UID", KILL_ENV)}
     proc = zygote.Process(["train", *args, f"hydra.run.dir={cut}"], cwd=tmp_path, env=env, stdout=zygote.DEVNULL,
                           stderr=zygote.PIPE)
-    deadline = time.time() + 300
-    while not (cut / "growth.csv").exists() or not rows(cut / "growth.csv"):  # first growth event done
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be signalled"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = zygote.signal_when(proc, lambda: (cut / "growth.csv").exists() and bool(rows(cut / "growth.csv")),
+                                signal.SIGTERM)  # after the first growth event
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "signal 15" in summary["error"]

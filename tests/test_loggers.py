@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import struct
 import sys
 from collections import Counter
 from pathlib import Path
@@ -243,3 +245,83 @@ def test_an_unreachable_tracking_server_is_a_one_line_error_before_training(tmp_
         "growrun: error: logger.mlflow: cannot use the tracking store http://127.0.0.1:9 ("), proc.stderr[-2000:]
     assert lines[-1].endswith("check logger.tracking_uri")
     assert not (run_dir / "metrics.csv").exists() or len(read_csv(run_dir / "metrics.csv")) == 0
+
+
+# --- logger=wandb in offline mode, its run files (.wandb: a LevelDB-style log of protobuf records) read back
+
+def wandb_records(path: Path):
+    """The records of a .wandb file: a 7-byte header (":W&B", 0xBEE1, version), then LevelDB log
+    blocks of 32 KiB, each record chunk with a 7-byte header (crc32c, length, type: 1 full,
+    2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", path
+    pos, pieces = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pieces = chunk if kind in (1, 2) else pieces + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            yield record
+
+
+def wandb_logged(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list]:
+    """({key: [(step, value)]} of every history row, the run records) of all the offline
+    directories of the run id in loggers.json (a resumed run adds one)."""
+    run_id = json.loads((run_dir / "loggers.json").read_text())["wandb"]
+    got: dict[str, list[tuple[int, float]]] = {}
+    runs = []
+    for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                runs.append(record.run)
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                for key, value in items.items():
+                    if not key.startswith("_"):
+                        got.setdefault(key, []).append((int(items["_step"]), float(value)))
+    return got, runs
+
+
+@pytest.mark.slow
+def test_wandb_offline_holds_every_csv_cell_and_the_config(tmp_path, run_cli):
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *GROW, "logger=wandb", "logger.mode=offline", "optim.lr=0.0625",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, runs = wandb_logged(run_dir)
+    assert_equals_csv(got, run_dir)
+    assert len(runs) == 1 and runs[0].display_name == "run" and runs[0].project == "growrun"
+    config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
+    assert config["optim"]["lr"] == 0.0625 and config["growth"]["method"] == "tiny"
+
+
+@pytest.mark.slow
+def test_wandb_offline_after_a_sigterm_and_resume_continues_the_same_run_with_each_step_once(tmp_path):
+    """SIGTERM after the first growth event: the run checkpoints and ends (interrupted); the
+    resumed run continues the same W&B run id in a second offline directory; together they hold
+    every CSV cell once. (A SIGKILL may leave W&B without the last interval: growrun/loggers/wandb.py.)"""
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("GROWRUN_UID", KILL_ENV)} | {"WANDB_SILENT": "true"}
+    proc = zygote.Process(["train", *GROW, "trainer.epochs=6", "logger=wandb", "logger.mode=offline",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=zygote.DEVNULL,
+                          stderr=zygote.PIPE)
+    _, err = zygote.signal_when(proc, lambda: (run_dir / "growth.csv").exists()
+                                and len(read_csv(run_dir / "growth.csv")) >= 4, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    resumed = zygote.run(["resume", str(run_dir)], cwd=tmp_path, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, runs = wandb_logged(run_dir)
+    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id
+    assert_equals_csv(got, run_dir)

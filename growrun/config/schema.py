@@ -195,7 +195,10 @@ class LoggerConfig:
     tensorboard_dir: Optional[str] = None  # None: <run dir>/tensorboard; else <this dir>/<run name>
     mlflow: bool = False  # an MLflow run (logger=mlflow)
     tracking_uri: Optional[str] = None  # mlflow: e.g. sqlite:///mlflow.db, http://host:5000 (None: MLflow's default)
-    project: str = "growrun"  # mlflow: the experiment the run goes to
+    wandb: bool = False  # a Weights & Biases run (logger=wandb)
+    mode: str = choices("online", "online", "offline", help="wandb: offline writes <run dir>/wandb for `wandb sync`")
+    entity: Optional[str] = None  # wandb: the team or user (None: the logged-in account's default)
+    project: str = "growrun"  # the mlflow experiment / the wandb project the run goes to
     name: Optional[str] = None  # the run's name under tensorboard_dir and in MLflow (None: the run directory's name)
 
 

@@ -23,8 +23,10 @@ step is never logged twice (each backend says how).
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,28 @@ log = logging.getLogger("growrun")
 
 # logger.<key>: (module of growrun.loggers, its class, the package it needs, the pip extra)
 BACKENDS = {"tensorboard": ("tensorboard", "TensorBoard", "tensorboard", "tensorboard"),
-            "mlflow": ("mlflow", "MLflow", "mlflow", "mlflow")}
+            "mlflow": ("mlflow", "MLflow", "mlflow", "mlflow"),
+            "wandb": ("wandb", "WandB", "wandb", "wandb")}
+
+
+IDS_FILE = "loggers.json"  # <run dir>/loggers.json: each backend's run id, so that a resumed run continues it
+
+
+def read_ids(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / IDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_ids(run_dir: Path, ids: dict) -> None:
+    """Replace loggers.json through a temporary file (never torn)."""
+    path, tmp = run_dir / IDS_FILE, run_dir / f".{IDS_FILE}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(ids, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def chosen(opts) -> list[str]:

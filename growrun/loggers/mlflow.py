@@ -21,15 +21,13 @@ A tracking server that cannot be reached is a one-line error before the run trai
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from growrun.errors import GrowrunError
-from growrun.loggers import flat_config, numbers, summary_numbers
+from growrun.loggers import flat_config, numbers, read_ids, summary_numbers, write_ids
 
-IDS_FILE = "loggers.json"
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}
 
 
@@ -47,7 +45,7 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         self.run_dir = run_dir
-        ids = _read_ids(run_dir)
+        ids = read_ids(run_dir)
         stored = ids.get("mlflow", {}) if resumed_step is not None else {}
         uri = opts.tracking_uri or stored.get("tracking_uri")
         try:
@@ -63,7 +61,7 @@ class MLflow:
             raise GrowrunError(f"logger.mlflow: cannot use the tracking store {uri or '(MLflow default)'} "
                                f"({type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}); "
                                "check logger.tracking_uri") from None
-        _write_ids(run_dir, {**ids, "mlflow": {"run_id": self.run_id, "tracking_uri": self.uri}})
+        write_ids(run_dir, {**ids, "mlflow": {"run_id": self.run_id, "tracking_uri": self.uri}})
         self.pending: list = []  # metrics not sent yet: sent at the next checkpoint
         self.last_step = resumed_step or 0
         if stored:
@@ -121,6 +119,8 @@ class MLflow:
     def finish(self, summary: dict) -> None:
         step = max(self.last_step, int(summary.get("step", 0)))
         final = summary_numbers(summary)
+        if summary.get("status") != "completed":  # after the last checkpoint: a resumed run logs these again
+            self.pending = []
         self._log({f"summary/{k}": v for k, v in final.items()}, step)
         self.checkpointed(step)
         for name in ("metrics.csv", "growth.csv", "summary.json"):
@@ -130,20 +130,3 @@ class MLflow:
 
     def close(self) -> None:
         pass
-
-
-def _read_ids(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / IDS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_ids(run_dir: Path, ids: dict) -> None:
-    """Replace loggers.json through a temporary file (never torn)."""
-    path, tmp = run_dir / IDS_FILE, run_dir / f".{IDS_FILE}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(ids, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
