@@ -1,5 +1,5 @@
-"""logger=tensorboard (growrun/loggers/): what TensorBoard's own event reader finds equals the
-run's metrics.csv / growth.csv cell for cell, one value per tag and step, also after a kill and a
+"""The loggers (growrun/loggers/): what each backend's own reader finds equals the run's
+metrics.csv / growth.csv cell for cell (TensorBoard: as float32), one value per tag and step, also after a kill and a
 resume; the config reaches the HParams dashboard; a missing package is a one-line refusal; a
 logger that fails mid-run is dropped and the run goes on."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import helpers_zygote as zygote
+import numpy as np
 import pytest
 from helpers_cli import read_csv
 
@@ -40,13 +41,8 @@ def read_events(event_dir: Path, purge: bool = True) -> EventAccumulator:
 
 
 def logged(events: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} of every float scalar."""
-    out = {}
-    for tag in events.Tags()["tensors"]:
-        values = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
-        if values and values[0][1].dtype.kind == "f":
-            out[tag] = [(step, float(v)) for step, v in values]
-    return out
+    """{tag: [(step, value), ...]} of every scalar."""
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def expected(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -67,8 +63,14 @@ def expected(run_dir: Path) -> dict[str, dict[int, float]]:
     return want
 
 
-def assert_equals_csv(got: dict[str, list[tuple[int, float]]], run_dir: Path, key=lambda tag: tag) -> None:
-    """got ({tag: [(step, value)]}, the summary's tags left out) holds every CSV cell once, equal."""
+def float32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def assert_equals_csv(got: dict[str, list[tuple[int, float]]], run_dir: Path, key=lambda tag: tag,
+                      stored=float) -> None:
+    """got ({tag: [(step, value)]}, the summary's tags left out) holds every CSV cell once, equal
+    to the CSV's value as the backend stores numbers (stored: float, or float32 for TensorBoard)."""
     got = {tag: values for tag, values in got.items() if not tag.startswith("summary/")}
     want = {key(tag): values for tag, values in expected(run_dir).items()}
     assert set(got) == set(want)
@@ -76,7 +78,7 @@ def assert_equals_csv(got: dict[str, list[tuple[int, float]]], run_dir: Path, ke
         steps = [step for step, _ in values]
         assert len(steps) == len(set(steps)), f"{tag}: a step logged twice: {steps}"
         for step, value in values:
-            w = want[tag][step]
+            w = stored(want[tag][step])
             assert value == w or (math.isnan(value) and math.isnan(w)), (tag, step, value, w)
         assert set(steps) == set(want[tag]), tag
 
@@ -115,15 +117,15 @@ def test_tensorboard_holds_every_csv_cell_the_config_and_the_summary(tmp_path, r
     proc = run_cli("train", *GROW, "optim.lr=0.0625", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(read_csv(run_dir / "growth.csv")) == 8 and len(read_csv(run_dir / "metrics.csv")) == 3
-    assert_equals_csv(tensorboard_logged(run_dir), run_dir)
+    assert_equals_csv(tensorboard_logged(run_dir), run_dir, stored=float32)
     events = read_events(run_dir / "tensorboard")
     info = plugin_data_pb2.HParamsPluginData.FromString(
         events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
     assert info.hparams["optim.lr"].number_value == 0.0625 and info.hparams["growth.method"].string_value == "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
     final = logged(events)
-    assert final["summary/test_acc"] == [(summary["step"], summary["final"]["test_acc"])]
-    assert final["summary/train_flops"] == [(summary["step"], float(summary["train_flops"]))]
+    assert final["summary/test_acc"] == [(summary["step"], float32(summary["final"]["test_acc"]))]
+    assert final["summary/train_flops"] == [(summary["step"], float32(summary["train_flops"]))]
     texts = [tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in events.Tensors("growth/fc1/event/text_summary")]
     rows = [r for r in read_csv(run_dir / "growth.csv") if r["site"] == "fc1"]
     assert [f"added {r['added']}, reason {r['reason']}" in t for r, t in zip(rows, texts)] == [True] * 4
@@ -134,8 +136,8 @@ def test_tensorboard_after_a_kill_and_resume_holds_each_step_once(tmp_path):
     """The resumed run logs epoch 2 again; the killed attempt's copy is gone from the files
     themselves, for readers that purge restarts (TensorBoard's event reader) and for those that do not."""
     run_dir = kill_and_resume(tmp_path)
-    assert_equals_csv(tensorboard_logged(run_dir), run_dir)
-    raw = Counter(e.step for e in read_events(run_dir / "tensorboard", purge=False).Tensors("metrics/test_acc"))
+    assert_equals_csv(tensorboard_logged(run_dir), run_dir, stored=float32)
+    raw = Counter(e.step for e in read_events(run_dir / "tensorboard", purge=False).Scalars("metrics/test_acc"))
     assert raw == {4: 1, 8: 1, 12: 1}  # (the killed attempt had logged step 8: metrics.csv's 2 rows above)
 
 
@@ -177,7 +179,7 @@ def test_keep_until_keeps_the_early_steps_and_finishes_or_drops_an_interrupted_s
     d = tmp_path / "tb"
     writer = SummaryWriter(str(d))
     for step in range(5):
-        writer.add_scalar("x", float(step), step, new_style=True, double_precision=True)
+        writer.add_scalar("x", float(step), step)
     writer.close()
 
     def steps() -> list[int]:

@@ -2,7 +2,8 @@
 
 Where: <run dir>/tensorboard, or <logger.tensorboard_dir>/<run name> (logger.name, else the run
 directory's name) so that one `tensorboard --logdir DIR` shows several runs side by side.
-Scalars are float64 (equal to the CSV's values); the x axis of every scalar is the training step (metrics.csv's and growth.csv's `step`):
+Scalars are float32, TensorBoard's own precision (the CSV's value rounded to float32; FLOP counts
+keep about 7 digits); the x axis of every scalar is the training step (metrics.csv's and growth.csv's `step`):
     metrics/<column>           each numeric metrics.csv column, once per epoch
     growth/<site>/<column>     each numeric growth.csv column, once per growth event and site
     growth/<site>/event        text: the row's method, added / requested, reason, trigger
@@ -57,9 +58,9 @@ class TensorBoard:
             self.writer.file_writer.add_summary(summary)
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
-        """A float64 scalar (TensorBoard's tensor form): FLOP counts and parameter counts keep
-        every digit, and the value read back equals the CSV's."""
-        self.writer.add_scalar(tag, value, step, new_style=True, double_precision=True)
+        """A float32 scalar (TensorBoard's simple value): what TensorBoard's default data server
+        plots (float64 tensor scalars it silently leaves out: checked with tensorboard 2.21)."""
+        self.writer.add_scalar(tag, value, step)
 
     def epoch(self, rows: list[dict]) -> None:
         for row in rows:
