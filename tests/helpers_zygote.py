@@ -270,10 +270,7 @@ class Process:
 
     def wait(self, timeout: float | None = None, *, raise_timeout: bool = True) -> int | None:
         if self._popen is not None:
-            try:
-                self.returncode = self._popen.wait(timeout) if raise_timeout or timeout != 0 else self._popen.poll()
-            except subprocess.TimeoutExpired:
-                raise
+            self.returncode = self._popen.wait(timeout) if raise_timeout else self._popen.poll()
             return self.returncode
         if self.returncode is None:
             line = _read_line(self._conn, timeout)

@@ -26,11 +26,11 @@ import importlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from growrun.errors import GrowrunError
+from growrun.files import atomic_write
 
 log = logging.getLogger("growrun")
 
@@ -51,13 +51,7 @@ def read_ids(run_dir: Path) -> dict:
 
 
 def write_ids(run_dir: Path, ids: dict) -> None:
-    """Replace loggers.json through a temporary file (never torn)."""
-    path, tmp = run_dir / IDS_FILE, run_dir / f".{IDS_FILE}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(ids, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(run_dir / IDS_FILE, lambda f: f.write(json.dumps(ids, indent=1).encode()))
 
 
 def chosen(opts) -> list[str]:
@@ -79,15 +73,10 @@ def numbers(row: dict[str, Any]) -> dict[str, float]:
     """The numeric cells of a CSV row as floats (the CSV's text read back); text cells left out."""
     out = {}
     for key, value in row.items():
-        if isinstance(value, bool):
-            value = int(value)
-        if isinstance(value, (int, float)):
-            out[key] = float(value)
-            continue
         try:
             out[key] = float(value)
         except (TypeError, ValueError):
-            continue
+            pass
     return out
 
 

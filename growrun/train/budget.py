@@ -45,7 +45,6 @@ def budget_steps(budget: float, flops_per_step: int) -> int:
 
 def run_compute(run_dir: Path) -> float | None:
     """A completed run's compute (train_flops + growth_flops of summary.json); None otherwise."""
-
     summary = read_summary(run_dir)
     if summary.get("status") != "completed":
         return None
@@ -66,7 +65,6 @@ def run_seed_method(run_dir: Path) -> tuple[object, str]:
 
 def grown_runs(sweep: Path, seed) -> list[Path]:
     """The completed growing runs of a sweep directory with this seed (those with a compute)."""
-
     found = []
     for run in sweep_runs(sweep):
         run_seed, method = run_seed_method(run)

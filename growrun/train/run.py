@@ -34,7 +34,8 @@ from growrun.train import distributed, runtime
 from growrun.train.budget import plan_budget, resolve_budget
 from growrun.train.compute_plan import schedule_plan
 from growrun.train.optim import build_optimizer, build_scheduler
-from growrun.train.outputs import CsvLog, disk_error, has_checkpoint, load_checkpoint, save_checkpoint, write_summary
+from growrun.files import disk_error
+from growrun.train.outputs import CsvLog, has_checkpoint, load_checkpoint, save_checkpoint, write_summary
 from growrun.train.safety import RunLock, StopSignals, check_resume_config
 from growrun.train.trainer import Trainer
 
