@@ -83,6 +83,16 @@ def assert_equals_csv(got: dict[str, list[tuple[int, float]]], run_dir: Path, ke
         assert set(steps) == set(want[tag]), tag
 
 
+def report_figures(run_cli, run_dir: Path, tmp_path: Path) -> dict[str, bytes]:
+    """{file name: PNG bytes} of what `growrun report RUN_DIR` draws of the run (all its figures)."""
+    out = tmp_path / "report"
+    proc = run_cli("report", str(run_dir), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert {"acc_vs_compute.png", "widths.png", "psi.png"} <= set(figures)
+    return figures
+
+
 def tensorboard_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return logged(read_events(run_dir / "tensorboard"))
 
@@ -129,6 +139,11 @@ def test_tensorboard_holds_every_csv_cell_the_config_and_the_summary(tmp_path, r
     texts = [tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in events.Tensors("growth/fc1/event/text_summary")]
     rows = [r for r in read_csv(run_dir / "growth.csv") if r["site"] == "fc1"]
     assert [f"added {r['added']}, reason {r['reason']}" in t for r, t in zip(rows, texts)] == [True] * 4
+    figures = report_figures(run_cli, run_dir, tmp_path)
+    assert {f"plots/{name[:-4]}" for name in figures} == set(events.Tags()["images"])
+    for name, png in figures.items():
+        [image] = events.Images(f"plots/{name[:-4]}")
+        assert image.step == summary["step"] and image.encoded_image_string == png, name
 
 
 @pytest.mark.slow
@@ -148,6 +163,17 @@ def test_a_missing_backend_is_a_one_line_refusal(tmp_path, run_cli, monkeypatch)
         "growrun: error: logger.tensorboard=true: needs the tensorboard package, which is not installed; "
         "pip install 'growrun[tensorboard]' (or choose another logger)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_without_matplotlib_the_run_says_so_once_and_logs_everything_else(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", *GROW, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "figure" in line]
+    assert len(said) == 1 and "matplotlib is not installed" in said[0], said
+    assert_equals_csv(tensorboard_logged(run_dir), run_dir, stored=float32)
+    assert read_events(run_dir / "tensorboard").Tags()["images"] == []
 
 
 @pytest.mark.slow
@@ -220,7 +246,11 @@ def test_mlflow_holds_every_csv_cell_the_params_the_status_and_the_files(tmp_pat
     assert run.data.params["optim.lr"] == "0.0625" and run.data.params["growth.method"] == "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert run.data.metrics["summary/test_acc"] == summary["final"]["test_acc"]
-    assert {a.path for a in client.list_artifacts(run_id)} == {"metrics.csv", "growth.csv", "summary.json"}
+    assert {a.path for a in client.list_artifacts(run_id)} == {"metrics.csv", "growth.csv", "summary.json", "plots"}
+    figures = report_figures(run_cli, run_dir, tmp_path)
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {f"plots/{name}" for name in figures}
+    for name, png in figures.items():
+        assert Path(client.download_artifacts(run_id, f"plots/{name}", str(tmp_path))).read_bytes() == png, name
 
 
 @pytest.mark.slow
@@ -275,12 +305,14 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_logged(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list]:
-    """({key: [(step, value)]} of every history row, the run records) of all the offline
-    directories of the run id in loggers.json (a resumed run adds one)."""
+def wandb_logged(run_dir: Path, media: dict | None = None) -> tuple[dict[str, list[tuple[int, float]]], list]:
+    """({key: [(step, value)]} of every numeric history value, the run records) of all the offline
+    directories of the run id in loggers.json (a resumed run adds one); the media values (images)
+    go to `media` ({key: (step, their file)})."""
     run_id = json.loads((run_dir / "loggers.json").read_text())["wandb"]
     got: dict[str, list[tuple[int, float]]] = {}
     runs = []
+    media = {} if media is None else media
     for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
@@ -288,8 +320,13 @@ def wandb_logged(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], lis
                 runs.append(record.run)
             elif kind == "history":
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                # an image is flattened into <key>/_type ("image-file"), <key>/path, <key>/sha256, ...
+                images = [key[:-len("/_type")] for key, value in items.items()
+                          if key.endswith("/_type") and value == "image-file"]
+                for key in images:
+                    media[key] = (int(items["_step"]), path.parent / "files" / items[f"{key}/path"])
                 for key, value in items.items():
-                    if not key.startswith("_"):
+                    if not key.startswith("_") and not any(key.startswith(f"{image}/") for image in images):
                         got.setdefault(key, []).append((int(items["_step"]), float(value)))
     return got, runs
 
@@ -301,8 +338,15 @@ def test_wandb_offline_holds_every_csv_cell_and_the_config(tmp_path, run_cli):
     proc = run_cli("train", *GROW, "logger=wandb", "logger.mode=offline", "optim.lr=0.0625",
                    f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, runs = wandb_logged(run_dir)
+    media: dict = {}
+    got, runs = wandb_logged(run_dir, media)
     assert_equals_csv(got, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    figures = report_figures(run_cli, run_dir, tmp_path)
+    assert set(media) == {f"plots/{name[:-4]}" for name in figures}
+    for name, png in figures.items():
+        step, path = media[f"plots/{name[:-4]}"]
+        assert step == summary["step"] and path.read_bytes() == png, name
     assert len(runs) == 1 and runs[0].display_name == "run" and runs[0].project == "growrun"
     config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
     assert config["optim"]["lr"] == 0.0625 and config["growth"]["method"] == "tiny"

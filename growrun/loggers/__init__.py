@@ -11,7 +11,9 @@ there (floats as their 8-digit CSV text), so what it shows equals the files.
     .checkpointed(step)                        the run wrote a checkpoint at step (a backend that
                                                cannot take values back sends them then; without
                                                checkpoints, at once)
-    .finish(summary)                           summary.json's content, once, at the end
+    .finish(summary)                           summary.json's content, once, at the end; a
+                                               completed run first sends the report's figures
+                                               (growrun.report.run_plots; with matplotlib)
     .close()
 
 Nothing is logged per training step: epochs and growth events only. A backend whose start fails
@@ -104,8 +106,8 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
 class Loggers:
     """The chosen backends of one run (rank 0), each call fanned out to all of them."""
 
-    def __init__(self, backends: list, checkpoints: bool = True):
-        self.backends, self.checkpoints = backends, checkpoints
+    def __init__(self, backends: list, run_dir: Path, checkpoints: bool = True):
+        self.backends, self.run_dir, self.checkpoints = backends, run_dir, checkpoints
 
     @classmethod
     def open(cls, cfg, run_dir: Path, resumed_step: int | None, config: dict) -> "Loggers":
@@ -119,7 +121,7 @@ class Loggers:
                 for b in backends:
                     b.close()
                 raise
-        return cls(backends, checkpoints=bool(cfg.trainer.checkpoint))
+        return cls(backends, Path(run_dir), checkpoints=bool(cfg.trainer.checkpoint))
 
     def epoch(self, rows: list[dict]) -> None:
         self._each("epoch", rows)
@@ -135,7 +137,23 @@ class Loggers:
         self._each("checkpointed", step)
 
     def finish(self, summary: dict) -> None:
+        if summary.get("status") == "completed" and self.backends:
+            self._plots()
         self._each("finish", summary)
+
+    def _plots(self) -> None:
+        """The figures `growrun report RUN_DIR` would draw, to each backend (`plots(images)`)."""
+        from growrun.report import run_plots
+
+        try:
+            images, skipped = run_plots(self.run_dir)
+        except Exception as ex:  # noqa: BLE001  (the figures are an extra: the run is done)
+            log.warning("loggers: the report's figures were not drawn (%s: %s)", type(ex).__name__, ex)
+            return
+        if not images:
+            log.info("loggers: no figure to send (%s)", "; ".join(skipped))
+            return
+        self._each("plots", images)
 
     def close(self) -> None:
         self._each("close")

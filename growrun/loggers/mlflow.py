@@ -6,7 +6,8 @@ logger.project, named logger.name or the run directory's name.
     metrics/<column>           each numeric metrics.csv column per epoch, at the training step
     growth/<site>/<column>     each numeric growth.csv column per growth event and site
     summary/<key>              the summary's final numbers, at the last step
-    artifacts                  metrics.csv, growth.csv, summary.json at the end
+    artifacts                  metrics.csv, growth.csv, summary.json at the end, and the
+                               report's figures under plots/ (a completed run)
 MLflow keys cannot hold ':', so `width:layer1.0` is logged as `width/layer1.0`. The run's status
 follows summary.json (completed: FINISHED, interrupted: KILLED, else FAILED).
 
@@ -115,6 +116,14 @@ class MLflow:
         for row in rows:
             step = int(row["step"])
             self._log({f"growth/{row['site']}/{k}": v for k, v in numbers(row).items() if k != "step"}, step)
+
+    def plots(self, images: dict[str, bytes]) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, png in images.items():
+                (Path(tmp) / name).write_bytes(png)
+            self.client.log_artifacts(self.run_id, tmp, artifact_path="plots")
 
     def finish(self, summary: dict) -> None:
         step = max(self.last_step, int(summary.get("step", 0)))

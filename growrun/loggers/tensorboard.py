@@ -9,6 +9,8 @@ keep about 7 digits); the x axis of every scalar is the training step (metrics.c
     growth/<site>/event        text: the row's method, added / requested, reason, trigger
     config                     text: the resolved config (YAML), and the config as hparams
     summary/<key>              the summary's final numbers, at the last step; text: summary
+    plots/<figure>             the report's figures (acc_vs_compute, widths, psi, ...), at the last
+                               step, as the PNG files `growrun report` writes (Images tab)
 Resume: before it writes, the run keeps of the directory's event files only the events up to the
 checkpoint's step (none for a new run in a directory that held a crashed attempt), rewritten into
 one file and swapped in whole (keep_until), so that no reader, whichever way it treats restarts,
@@ -89,6 +91,16 @@ class TensorBoard:
         self.writer.add_text("summary", _code(json.dumps(summary, indent=1, default=str)), step)
         self.writer.flush()
 
+    def plots(self, images: dict[str, bytes]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        for name, png in images.items():
+            width, height, colour = png_size(png)
+            image = Summary.Image(width=width, height=height, colorspace=colour, encoded_image_string=png)
+            tag = f"plots/{name.removesuffix('.png')}"
+            self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), self.last_step)
+        self.writer.flush()
+
     def checkpointed(self, step: int) -> None:
         pass  # every call is written at once (a resume drops what comes after its checkpoint)
 
@@ -122,6 +134,14 @@ def keep_until(event_dir: Path, step: int) -> None:
     os.replace(event_dir, old)
     os.replace(tmp, event_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def png_size(png: bytes) -> tuple[int, int, int]:
+    """(width, height, channels) of a PNG, read from its IHDR chunk (bytes 16-25)."""
+    import struct
+
+    width, height, _, colour_type = struct.unpack(">IIBB", png[16:26])
+    return width, height, {0: 1, 2: 3, 4: 2, 6: 4}.get(colour_type, 4)
 
 
 def _code(text: str) -> str:

@@ -6,6 +6,7 @@ named logger.name or the run directory's name; logger.mode=offline writes it und
     metrics/<column>           each numeric metrics.csv column per epoch, at the training step
     growth/<site>/<column>     each numeric growth.csv column per growth event and site
     summary                    the summary's final numbers (run.summary)
+    plots/<figure>             the report's figures as images, at the last step (a completed run)
 
 Like MLflow, W&B cannot take values back, so values go to it when the run writes its next
 checkpoint (every epoch by default; at once with trainer.checkpoint=false): a stopped process
@@ -67,6 +68,19 @@ class WandB:
         for s in sorted(self.pending):
             self.run.log(self.pending[s], step=s)
         self.pending.clear()
+
+    def plots(self, images: dict[str, bytes]) -> None:
+        import tempfile
+
+        import wandb
+
+        self.checkpointed(self.last_step)  # the history up to the last step first: W&B steps only go up
+        with tempfile.TemporaryDirectory() as tmp:  # wandb.Image copies the file into the run
+            logged = {}
+            for name, png in images.items():
+                (Path(tmp) / name).write_bytes(png)
+                logged[f"plots/{name.removesuffix('.png')}"] = wandb.Image(str(Path(tmp) / name))
+            self.run.log(logged, step=self.last_step)
 
     def finish(self, summary: dict) -> None:
         if summary.get("status") == "completed":

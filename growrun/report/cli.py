@@ -72,16 +72,12 @@ def report_main(argv: list[str]) -> int:
     if out.exists() and not out.is_dir():
         raise GrowrunError(f"--out {out}: exists and is not a directory; give a directory")
 
-    from growrun.report.compute import add_compute
+    from growrun.report import collect
     from growrun.report.equal import pair_runs, warnings
     from growrun.report.plots import build_plots
     from growrun.report.render import markdown_table, report_csv, report_markdown
-    from growrun.report.runs import load_runs
-    from growrun.report.table import group_runs
 
-    runs = load_runs(dirs)
-    add_compute(runs)
-    keys, groups = group_runs(runs)
+    runs, keys, groups = collect(dirs)
     pairs = pair_runs(groups)
     images, plots, skipped = build_plots(groups)
     files = {
