@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import helpers_zygote as zygote
 import torch
+from helpers_cli import read_csv
 
 from growrun.train.outputs import load_checkpoint
 
@@ -70,8 +71,16 @@ def assert_two_ranks_grow_like(single: Path, run_dir: Path, *extra: str) -> None
         (single / "summary.json").read_text())["widths"]
 
 
-def test_two_ranks_grow_like_one_process(tmp_path, single):
-    assert_two_ranks_grow_like(single, tmp_path / "two")
+def test_two_ranks_grow_like_one_process_and_only_rank_0_logs(tmp_path, single):
+    assert_two_ranks_grow_like(single, tmp_path / "two", "logger=tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((tmp_path / "two" / "tensorboard").glob("*tfevents*"))
+    assert len(files) == 1, files  # one writer
+    events = EventAccumulator(str(files[0]), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("metrics/test_acc")]
+    assert steps == [int(row["step"]) for row in read_csv(tmp_path / "two" / "metrics.csv")]  # each epoch once
 
 
 def test_splitting_grows_alike_on_two_ranks(tmp_path):
