@@ -353,6 +353,20 @@ def test_wandb_offline_holds_every_csv_cell_and_the_config(tmp_path, run_cli):
 
 
 @pytest.mark.slow
+def test_wandb_online_without_a_login_is_a_one_line_error_before_training(tmp_path):
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "GROWRUN_UID"}
+    env |= {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_SILENT": "true"}
+    proc = zygote.run(["train", *GROW, "logger=wandb", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith(
+        "growrun: error: logger.wandb: cannot start a W&B run in mode online ("), proc.stderr[-2000:]
+    assert lines[-1].endswith("use logger.mode=offline and `wandb sync` later")
+    assert not (run_dir / "metrics.csv").exists() or len(read_csv(run_dir / "metrics.csv")) == 0
+
+
+@pytest.mark.slow
 def test_wandb_offline_after_a_sigterm_and_resume_continues_the_same_run_with_each_step_once(tmp_path):
     """SIGTERM after the first growth event: the run checkpoints and ends (interrupted); the
     resumed run continues the same W&B run id in a second offline directory; together they hold
