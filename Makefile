@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_growth.py --samples 512
 	$(BIN)/python scripts/bench_memory_format.py
 	$(BIN)/python scripts/bench_loggers.py
+	$(BIN)/python scripts/bench_logger_runs.py
 
 # Prove a growrun run end to end on this machine's GPU: every growth method, bf16, kill + resume
 # (bit-identical), GPU vs CPU solves, throughput, DDP on 2+ GPUs (scripts/gpu_check.py). Without
