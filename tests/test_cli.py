@@ -193,6 +193,24 @@ def test_cfg_job_help_and_user_config_dir(tmp_path, run_cli):
 
 
 @pytest.mark.slow
+def test_editable_install_is_quiet_and_finds_the_configs(tmp_path):
+    """`make install`'s editable install prints nothing at --quiet (setuptools' simple layout:
+    growrun/configs is a symlink to configs/, no package-dir mapping that needs an import hook)."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
+    python = tmp_path / "venv" / "bin" / "python"
+    # pip from this interpreter, installing into the new venv (its site-packages: --prefix)
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--prefix",
+                            str(tmp_path / "venv"), "-e", str(repo)], capture_output=True, text=True, timeout=600)
+    said = [line for line in (build.stdout + build.stderr).splitlines() if "is ignored" not in line]  # pip's own index notes
+    assert build.returncode == 0 and said == [], "\n".join(said)[-3000:]
+    proc = subprocess.run([str(python), "-c", "import importlib.resources as r, growrun; "
+                           "print(r.files('growrun.configs').joinpath('train.yaml').is_file(), growrun.__file__)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["True", str(repo / "growrun" / "__init__.py")], proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
 def test_regular_install_carries_the_configs(tmp_path):
     """A non-editable install (wheel contents in a plain directory) finds its configs from any cwd."""
     repo = Path(__file__).resolve().parents[1]
