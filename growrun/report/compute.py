@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from growrun.report.runs import Run
+from growrun.report.runs import Run, is_equal_compute
 from growrun.report.table import Group
 
 FRACTIONS = (0.95, 0.99)
@@ -37,8 +37,6 @@ def add_compute(runs: list[Run]) -> None:
 
 
 def reference_group(groups: list[Group]) -> Group | None:
-    from growrun.report.equal import is_equal_compute
-
     fixed = [g for g in groups if g.methods == ["none"] and g.stats["final_test_acc"].mean is not None
              and not any(is_equal_compute(r) for r in g.runs)]
     return max(fixed, key=lambda g: g.stats["params"].mean or 0) if fixed else None

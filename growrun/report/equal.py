@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from growrun.report.compute import row_compute
-from growrun.report.runs import Run
+from growrun.report.runs import Run, is_equal_compute
 from growrun.report.table import Group
 
 TOLERANCE = 0.02
@@ -52,10 +52,6 @@ class Deltas:
     @property
     def std(self) -> float | None:
         return statistics.stdev(self.values) if len(self.pairs) > 1 else None
-
-
-def is_equal_compute(run: Run) -> bool:
-    return run.method == "none" and run.budget is not None
 
 
 def final_compute(run: Run) -> float | None:

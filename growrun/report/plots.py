@@ -79,7 +79,8 @@ def acc_vs_compute(groups: list[Group]):
     seed faint behind it; a group of fixed runs at equal compute (growrun.report.equal) as stars at
     each run's end; log compute axis."""
     from growrun.report.compute import mean_curve
-    from growrun.report.equal import final_compute, is_equal_compute
+    from growrun.report.equal import final_compute
+    from growrun.report.runs import is_equal_compute
 
     curves = [(i, g, mean_curve(g)) for i, g in enumerate(groups)]
     curves = [(i, g, pts) for i, g, pts in curves if pts]

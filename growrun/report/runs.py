@@ -53,6 +53,11 @@ class Run:
         return str((self.config.get("growth") or {}).get("method", "none"))
 
 
+def is_equal_compute(run: Run) -> bool:
+    """A fixed network trained for a given compute (growth.method=none with a budget.json)."""
+    return run.method == "none" and run.budget is not None
+
+
 def find_run_dirs(paths: list[Path]) -> list[Path]:
     """Every run directory under the given paths (see the module docstring), without repeats."""
     found: list[Path] = []
