@@ -41,7 +41,7 @@ from torch import nn
 from growrun.config.schema import GrowthConfig
 from growrun.growth import methods
 from growrun.growth.solve import psolve_info
-from growrun.growth.site import Site
+from growrun.models.site import Site
 from growrun.growth.stats import panel_size, collect_statistics
 from growrun.models.layers import BatchNorm2d, Conv2d
 from machine_info import machine_info

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from growrun.data.loader import BatchLoader
 from growrun.growth import methods, policy
 from growrun.growth.draws import draw_samples
-from growrun.growth.site import Neurons, frozen_bn_stats
+from growrun.models.site import Neurons, frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import candidate, new_channel_moments
 from growrun.models import count_params, full_site_widths

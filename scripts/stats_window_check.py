@@ -31,7 +31,7 @@ from growrun.data.loader import BatchLoader
 from growrun.growth import methods, policy
 from growrun.growth.draws import draw_samples
 from growrun.growth.linesearch import line_search
-from growrun.growth.site import frozen_bn_stats
+from growrun.models.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.stats_training import TrainingStats
 from growrun.growth.surgery import new_channel_moments

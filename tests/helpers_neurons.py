@@ -9,7 +9,7 @@ import copy
 import torch
 from torch import nn
 
-from growrun.growth.site import Neurons
+from growrun.models.site import Neurons
 from growrun.models.layers import Conv2d
 from helpers_sitenet import DT, SiteNet, data, stats_of, sum_ce
 

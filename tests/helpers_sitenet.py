@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growrun.growth.site import Site
+from growrun.models.site import Site
 from growrun.growth.stats import collect_statistics
 from growrun.models.layers import BatchNorm1d, BatchNorm2d, Conv2d
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from growrun.growth.site import Neurons
+from growrun.models.site import Neurons
 from growrun.models import build_model
 
 # (arch, site name). A width-0 site of a VGG or MLP cuts the signal (no residual path), so such

@@ -18,7 +18,7 @@ from growrun.growth import firefly
 from growrun.growth.linesearch import at_gamma
 from growrun.growth.methods import REGISTRY as METHODS
 from helpers_proposing import propose
-from growrun.growth.site import Neurons
+from growrun.models.site import Neurons
 from growrun.growth.surgery import new_channel_moments
 from helpers_cli import cli
 from helpers_neurons import mean_loss, widen

@@ -18,7 +18,7 @@ from growrun.errors import GrowrunError
 from growrun.growth import fullconv
 from growrun.growth.neurons import to_neurons
 from helpers_proposing import propose
-from growrun.growth.site import Site
+from growrun.models.site import Site
 from growrun.growth.solve import tiny_solve
 from growrun.growth.stats import collect_statistics
 from growrun.models.layers import Conv2d

@@ -16,7 +16,7 @@ import torch
 
 from helpers_proposing import propose
 from growrun.growth.scale import existing_norms, neuron_norms, normalized, rebalance, rebalance_factors, reference_norms
-from growrun.growth.site import Neurons, frozen_bn_stats
+from growrun.models.site import Neurons, frozen_bn_stats
 from growrun.growth.surgery import insert_neurons, new_channel_moments
 from helpers_cli import SMALL, cli, one_line_error, read_csv
 from helpers_matrix import overrides

@@ -11,7 +11,7 @@ from torch import nn
 
 from growrun.growth import solve
 from growrun.growth.adaptive import adaptive_count, cross_validated_gains
-from growrun.growth.site import Site
+from growrun.models.site import Site
 from growrun.growth.stats import collect_statistics
 from growrun.growth.solve import (best_update, bottleneck, gradmax_directions, psolve, psolve_info,
                                   tiny_matrix, tiny_solve)

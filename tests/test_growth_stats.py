@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growrun.growth.site import Site
+from growrun.models.site import Site
 from growrun.growth.stats import SiteStats, collect_statistics
 from growrun.growth.unfold import aligned_range, im2col
 from growrun.models.layers import BatchNorm2d, Conv2d

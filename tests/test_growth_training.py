@@ -14,7 +14,7 @@ from growrun.config import store  # noqa: F401
 from growrun.growth import policy
 from growrun.growth.linesearch import line_search
 from helpers_proposing import propose
-from growrun.growth.site import Neurons, Site
+from growrun.models.site import Neurons, Site
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import candidate, insert_neurons
 from growrun.train import run as run_module

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from growrun.growth.methods import REGISTRY as METHODS
 from growrun.growth.methods.net2net import net2net_copies, net2net_sources
 from helpers_proposing import propose
-from growrun.growth.site import frozen_bn_stats
+from growrun.models.site import frozen_bn_stats
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import insert_copies
 from growrun.models import build_model

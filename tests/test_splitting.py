@@ -14,7 +14,7 @@ from torch import nn
 
 from growrun.growth import splitting
 from growrun.growth.methods import REGISTRY as METHODS
-from growrun.growth.site import Neurons, Site, frozen_bn_stats
+from growrun.models.site import Neurons, Site, frozen_bn_stats
 from helpers_interrupt import summing_reduce
 from helpers_cli import cli, read_csv
 from helpers_net2net import BASE as N2N_BASE, MLP, MLP_RUN, RESNET, RESNET_RUN, make

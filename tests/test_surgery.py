@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from growrun.growth.site import Neurons, frozen_bn_stats
+from growrun.models.site import Neurons, frozen_bn_stats
 from growrun.growth.surgery import apply_weight_update, candidate, fit_to_site, insert_neurons, new_channel_moments
 from growrun.models import build_model
 from growrun.train.optim import build_optimizer

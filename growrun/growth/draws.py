@@ -16,7 +16,7 @@ import logging
 import torch
 
 from growrun.growth import policy
-from growrun.growth.site import frozen_bn_stats
+from growrun.models.site import frozen_bn_stats
 
 log = logging.getLogger("growrun")
 

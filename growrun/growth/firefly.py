@@ -75,7 +75,7 @@ import torch.nn.functional as F
 
 from growrun.models.layers import conv2d
 
-from .site import Neurons, Site, frozen_bn_stats
+from growrun.models.site import Neurons, Site, frozen_bn_stats
 from .surgery import l1_op, l2_op
 
 FANIN_STD = 0.1  # reference: vno.normal_(0, 0.1)

@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from growrun.growth.site import Neurons, Site, frozen_bn_stats
+from growrun.models.site import Neurons, Site, frozen_bn_stats
 from growrun.growth.surgery import candidate
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .site import Neurons, Site
+from growrun.models.site import Neurons, Site
 from .solve import best_update, bottleneck
 from .solve_device import moved, solve_device as pick_solve_device
 from .stats import NormalizedStats, SiteStats

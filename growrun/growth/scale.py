@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from .site import Neurons, Site
+from growrun.models.site import Neurons, Site
 from .surgery import fanout_scale
 
 NORMALIZE = ("none", "fan_in", "fan_out", "mean_norm")

@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .site import Neurons, Site, frozen_bn_stats
+from growrun.models.site import Neurons, Site, frozen_bn_stats
 from .surgery import insert_copies, l1_op, l2_op
 from .unfold import conv_geometry, out_len, site_dims
 

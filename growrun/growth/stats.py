@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .fullconv import FullConvAccumulator, FullConvSums
-from .site import Site, frozen_bn_stats
+from growrun.models.site import Site, frozen_bn_stats
 from .unfold import aligned_range, conv_geometry, gradient_rows, im2col, linear_features, out_len, site_dims
 
 CONV_FANOUTS = ("center", "full")

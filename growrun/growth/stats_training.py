@@ -31,7 +31,7 @@ import torch
 
 from growrun.devices import Stopwatch, exact_fp32
 
-from .site import Site
+from growrun.models.site import Site
 from .stats import SiteStats, _Scratch, _SiteRecorder
 
 

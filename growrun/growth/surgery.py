@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growrun.growth.site import Neurons, Site, frozen_bn_stats
+from growrun.models.site import Neurons, Site, frozen_bn_stats
 from growrun.models.layers import conv2d
 
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from torch import nn
 
 from growrun.errors import GrowrunError
-from growrun.growth.site import Site
+from growrun.models.site import Site
 
 
 class GrowableModel(nn.Module):

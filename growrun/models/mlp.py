@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growrun.growth.site import Site
+from growrun.models.site import Site
 from growrun.models.base import GrowableModel
 from growrun.models.layers import BatchNorm1d, Linear
 

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 if TYPE_CHECKING:  # the mathematics (and torch) are imported where used: see growrun.growth.methods
     import torch
 
-    from growrun.growth.site import Neurons, Site
+    from growrun.models.site import Neurons, Site
     from growrun.growth.stats import SiteStats
 
 AMPLITUDES = ("search", "preserving", "trained")

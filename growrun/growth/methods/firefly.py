@@ -52,7 +52,7 @@ class Firefly(GrowthMethod):
 
         from growrun.growth.draws import split_at
         from growrun.growth.firefly import firefly_candidates
-        from growrun.growth.site import frozen_bn_stats
+        from growrun.models.site import frozen_bn_stats
         from growrun.models import count_flops
 
         if ctx.model is None:

@@ -109,7 +109,7 @@ def net2net_copies(site, sources, noise=None):
     since it was drawn) adds e_k = noise_k * rms(W2[:, j] / r_j) to copy k and -e_k to j."""
     import torch
 
-    from growrun.growth.site import Neurons
+    from growrun.models.site import Neurons
 
     W1, W2 = site.l1.weight.detach(), site.l2.weight.detach()
     sources = sources.to(W1.device, torch.long)

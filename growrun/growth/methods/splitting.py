@@ -50,7 +50,7 @@ class Splitting(GrowthMethod):
         import torch
 
         from growrun.growth.draws import split_at
-        from growrun.growth.site import frozen_bn_stats
+        from growrun.models.site import frozen_bn_stats
         from growrun.growth.splitting import proposer
         from growrun.models import count_flops
 

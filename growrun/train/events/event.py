@@ -50,7 +50,7 @@ from growrun.growth.linesearch import SearchResult, at_gamma, line_search
 from growrun.growth.methods import EventContext
 from growrun.growth.neurons import Proposal
 from growrun.growth.scale import existing_norms, neuron_norms, normalized
-from growrun.growth.site import frozen_bn_stats
+from growrun.models.site import frozen_bn_stats
 from growrun.growth.solve_device import solve_device as pick_solve_device
 from growrun.growth.stats import collect_statistics
 from growrun.growth.surgery import fit_to_site, new_channel_moments, weight_update_fn
