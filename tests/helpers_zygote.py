@@ -18,6 +18,9 @@ environment, as OpenMP would.
     Process(args, cwd=..., env=..., stdout=PIPE, ...)  like subprocess.Popen(text=True)
     signal_when(proc, ready, signum)                   signal a Process once ready() holds, wait for it
 
+`growrun resume` trains in a child process (growrun.child); in a forked process that child is
+forked from it as well (its own pid and process group, signals forwarded as to a real one).
+
 GROWRUN_TEST_ZYGOTE=0 (or a system without fork / descriptor passing) runs every command as
 `sys.executable -m growrun` instead. Launcher jobs and torchrun ranks start their own
 interpreters either way.
@@ -77,39 +80,100 @@ def _child(request: dict, fds: list[int], closing: list[socket.socket]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        import torch
+        import growrun.child
 
-        import growrun.cli
+        sys.stderr.write(request["warnings"])
+        growrun.child.subprocess = _ForkingSubprocess  # `growrun resume`'s training child: forked too
+        code = _main(request["args"])
+    finally:
+        _exit(code)
 
+
+def _main(args: list[str]) -> int:
+    """growrun.cli.main(args) run to the end as `python -m growrun ARGS` would be: its exit status
+    (1 and a traceback for an uncaught exception), the threads joined and the atexit functions run."""
+    import torch
+
+    import growrun.cli
+
+    if args[:1] != ["resume"]:  # (resume trains in a forked child: torch's thread pool would stop the fork)
         # what a fresh interpreter's OpenMP would take from this environment (the zygote has 1)
-        threads = request["env"].get("OMP_NUM_THREADS", "")
+        threads = os.environ.get("OMP_NUM_THREADS", "")
         torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
                               else len(os.sched_getaffinity(0)))
-        sys.argv = [str(Path(growrun.cli.__file__).with_name("__main__.py")), *request["args"]]
-        sys.stderr.write(request["warnings"])
-        try:
-            code = growrun.cli.main(request["args"])
-        except SystemExit as ex:
-            if ex.code is None or isinstance(ex.code, int):
-                code = ex.code or 0
-            else:
-                print(ex.code, file=sys.stderr)
-                code = 1
-        except BaseException:  # noqa: BLE001  (what the interpreter does with an uncaught exception)
-            import traceback
-
-            traceback.print_exc()
+    sys.argv = [str(Path(growrun.cli.__file__).with_name("__main__.py")), *args]
+    try:
+        code = growrun.cli.main(args)
+    except SystemExit as ex:
+        if ex.code is None or isinstance(ex.code, int):
+            code = ex.code or 0
+        else:
+            print(ex.code, file=sys.stderr)
             code = 1
-        import threading
+    except BaseException:  # noqa: BLE001  (what the interpreter does with an uncaught exception)
+        import traceback
 
-        threading._shutdown()  # what the interpreter does at exit: join the threads, run their exit hooks,
-        atexit._run_exitfuncs()  # then the atexit functions (e.g. joblib's executor shut down)
+        traceback.print_exc()
+        code = 1
+    import threading
+
+    threading._shutdown()  # what the interpreter does at exit: join the threads, run their exit hooks,
+    atexit._run_exitfuncs()  # then the atexit functions (e.g. joblib's executor shut down)
+    return code
+
+
+def _exit(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        os._exit(code)
+
+
+class _Forked:
+    """The part of subprocess.Popen that growrun.child uses, for `python -m growrun ARGS` forked
+    from this process (already a forked zygote: warm, one thread). The forked process gets a new
+    process group if asked (process_group=0) and a fresh interpreter's signal handlers; it shares
+    this process's stdio, working directory and environment, as Popen without them would."""
+
+    def __init__(self, command: list[str], process_group: int | None = None):
+        self.args, self.returncode = command, None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                if process_group == 0:
+                    os.setpgid(0, 0)
+                import growrun.child
+
+                for signum in growrun.child.FORWARDED:  # SignalForwarder's handlers are this process's
+                    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+                code = _main(command[3:])
+            finally:
+                _exit(code)
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+
+class _ForkingSubprocess:
+    """Stands for the subprocess module in growrun.child inside a forked process: a `python -m
+    growrun` command is forked (_Forked) when this process has one thread; anything else is a real Popen."""
+
+    @staticmethod
+    def Popen(command: list[str], **kwargs):  # noqa: N802  (subprocess.Popen's name)
+        forkable = command[:3] == [sys.executable, "-m", "growrun"] and set(kwargs) <= {"process_group"} \
+            and len(os.listdir("/proc/self/task")) == 1
+        return _Forked(command, **kwargs) if forkable else subprocess.Popen(command, **kwargs)
 
 
 def serve(path: str) -> None:

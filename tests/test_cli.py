@@ -199,9 +199,11 @@ def test_editable_install_is_quiet_and_finds_the_configs(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
     python = tmp_path / "venv" / "bin" / "python"
-    # pip from this interpreter, installing into the new venv (its site-packages: --prefix)
-    build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--prefix",
-                            str(tmp_path / "venv"), "-e", str(repo)], capture_output=True, text=True, timeout=600)
+    # pip from this interpreter, installing into the new venv (its site-packages: --prefix);
+    # --ignore-installed: without it pip would first uninstall this venv's own growrun
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-installed",
+                            "--prefix", str(tmp_path / "venv"), "-e", str(repo)], capture_output=True, text=True,
+                           timeout=600)
     said = [line for line in (build.stdout + build.stderr).splitlines() if "is ignored" not in line]  # pip's own index notes
     assert build.returncode == 0 and said == [], "\n".join(said)[-3000:]
     proc = subprocess.run([str(python), "-c", "import importlib.resources as r, growrun; "
