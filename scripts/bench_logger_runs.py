@@ -55,12 +55,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of: " + ", ".join(ARMS))
     p.add_argument("--out", default="bench/logger_runs.json")
     opts = p.parse_args(argv)
-    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    arms = ["csv", *(a for a in opts.arms.split(",") if a != "csv")]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(opts.rounds):
-            for arm in ARMS:
+            for arm in arms:
                 results[arm].append(run(arm, Path(tmp), opts.images, opts.threads))
                 print(f"round {r + 1}/{opts.rounds} {arm}: {results[arm][-1]}", flush=True)
     base = {k: statistics.median(x[k] for x in results["csv"]) for k in ("wall_s", "epoch_s_mean")}
