@@ -28,6 +28,8 @@ import importlib
 import json
 import logging
 import math
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,17 @@ def read_ids(run_dir: Path) -> dict:
 
 def write_ids(run_dir: Path, ids: dict) -> None:
     atomic_write(run_dir / IDS_FILE, lambda f: f.write(json.dumps(ids, indent=1).encode()))
+
+
+@contextmanager
+def png_files(images: dict[str, bytes]):
+    """The figures as files {file name: path} in a temporary directory, removed afterwards (for
+    backends that take files: MLflow artifacts, wandb.Image)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: Path(tmp) / name for name in images}
+        for name, path in paths.items():
+            path.write_bytes(images[name])
+        yield paths
 
 
 def chosen(opts) -> list[str]:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from growrun.errors import GrowrunError
-from growrun.loggers import flat_config, numbers, read_ids, summary_numbers, write_ids
+from growrun.loggers import flat_config, numbers, png_files, read_ids, summary_numbers, write_ids
 
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}
 
@@ -118,12 +118,9 @@ class MLflow:
             self._log({f"growth/{row['site']}/{k}": v for k, v in numbers(row).items() if k != "step"}, step)
 
     def plots(self, images: dict[str, bytes]) -> None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, png in images.items():
-                (Path(tmp) / name).write_bytes(png)
-            self.client.log_artifacts(self.run_id, tmp, artifact_path="plots")
+        with png_files(images) as paths:
+            for path in paths.values():
+                self.client.log_artifact(self.run_id, str(path), artifact_path="plots")
 
     def finish(self, summary: dict) -> None:
         step = max(self.last_step, int(summary.get("step", 0)))

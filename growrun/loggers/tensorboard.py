@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import yaml
@@ -138,8 +139,6 @@ def keep_until(event_dir: Path, step: int) -> None:
 
 def png_size(png: bytes) -> tuple[int, int, int]:
     """(width, height, channels) of a PNG, read from its IHDR chunk (bytes 16-25)."""
-    import struct
-
     width, height, _, colour_type = struct.unpack(">IIBB", png[16:26])
     return width, height, {0: 1, 2: 3, 4: 2, 6: 4}.get(colour_type, 4)
 

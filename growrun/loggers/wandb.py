@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from growrun.errors import GrowrunError
-from growrun.loggers import numbers, read_ids, summary_numbers, write_ids
+from growrun.loggers import numbers, png_files, read_ids, summary_numbers, write_ids
 
 
 class WandB:
@@ -70,17 +70,12 @@ class WandB:
         self.pending.clear()
 
     def plots(self, images: dict[str, bytes]) -> None:
-        import tempfile
-
         import wandb
 
         self.checkpointed(self.last_step)  # the history up to the last step first: W&B steps only go up
-        with tempfile.TemporaryDirectory() as tmp:  # wandb.Image copies the file into the run
-            logged = {}
-            for name, png in images.items():
-                (Path(tmp) / name).write_bytes(png)
-                logged[f"plots/{name.removesuffix('.png')}"] = wandb.Image(str(Path(tmp) / name))
-            self.run.log(logged, step=self.last_step)
+        with png_files(images) as paths:  # wandb.Image copies the file into the run
+            self.run.log({f"plots/{name.removesuffix('.png')}": wandb.Image(str(path)) for name, path in paths.items()},
+                         step=self.last_step)
 
     def finish(self, summary: dict) -> None:
         if summary.get("status") == "completed":
