@@ -90,7 +90,6 @@ def _task(cfg) -> dict:
     from growrun.launch import launcher_kind, requeue_if_preempted, resume_requeued, set_job_threads
     from growrun.rundirs import read_summary
     from growrun.sweep import job_state
-    from growrun.train.run import run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -102,6 +101,8 @@ def _task(cfg) -> dict:
             log.info("job %s: %s, skipped", hydra_cfg.job.num, held)
             return read_summary(run_dir)
     set_job_threads(cfg, hydra_cfg)
+    from growrun.train.run import run  # (torch: not imported by a job that is skipped)
+
     try:
         return _objective(run(cfg, run_dir), cfg.optimized_metric)
     except KeyboardInterrupt as ex:  # growrun.errors.Interrupted: stopped by a signal, checkpoint written
