@@ -1,5 +1,7 @@
-"""Data-parallel growth (growrun/train/distributed.py): 2 CPU processes (gloo, torchrun) against
-one process over the same global batches, and a rank that dies."""
+"""Data-parallel growth (growrun/train/distributed.py): 2 CPU processes (gloo) against one process
+over the same global batches, and a rank that dies. The ranks are forked from the test zygote
+with torchrun's environment (tests/helpers_ranks.py); the dead rank runs under torchrun itself,
+whose agent reports it and stops the run."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+import helpers_ranks as ranks
 import helpers_zygote as zygote
+from helpers_shared import built_once
 import torch
 from helpers_cli import read_csv
 
@@ -32,8 +36,9 @@ def _env() -> dict:
     return env
 
 
-def torchrun(*args: str, cwd: Path, ranks: int = 2, **popen) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+def torchrun(*args: str) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=2 -m growrun train ARGS`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "growrun", "train", *args]
 
 
@@ -49,15 +54,15 @@ def one_process(root: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    return one_process(tmp_path_factory.mktemp("single"))
+    """The one-process run of ARGS (tests only read it)."""
+    return built_once(tmp_path_factory, "distributed_single", one_process) / "run"
 
 
 def assert_two_ranks_grow_like(single: Path, run_dir: Path, *extra: str) -> None:
     """Two ranks (run into run_dir): same growth decisions (growth.csv up to `added`) and widths;
     weights equal to float32 rounding; only rank 0 wrote."""
-    proc = subprocess.run(torchrun(*ARGS, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent), cwd=run_dir.parent,
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = ranks.run(["train", *ARGS, *extra, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:]
     a, b = final(run_dir), final(single)
     assert a["arch"] == b["arch"] and a["arch"]["hidden"] != [4, 4]  # grown, to the same widths
     assert a["model"].keys() == b["model"].keys()
@@ -90,11 +95,12 @@ def test_splitting_grows_alike_on_two_ranks(tmp_path):
 
 
 def test_a_dead_rank_stops_the_run_and_it_resumes(tmp_path, single):
-    """SIGKILL rank 1 after the first checkpoint: the launch fails, naming the lost rank; the
-    same command with resume=true finishes the run, with the widths of the uninterrupted one."""
+    """SIGKILL rank 1 after the first checkpoint: torchrun's launch fails, naming the lost rank;
+    the same command with resume=true (its two ranks) finishes the run, with the widths of the
+    uninterrupted one."""
     run_dir = tmp_path / "two"
     args = [*ARGS, f"hydra.run.dir={run_dir}", "trainer.checkpoint_every=2"]
-    proc = subprocess.Popen(torchrun(*args, cwd=tmp_path), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun(*args), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "last.pt").exists():
@@ -105,9 +111,8 @@ def test_a_dead_rank_stops_the_run_and_it_resumes(tmp_path, single):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "rank 1" in out or "local_rank: 1" in out, out[-3000:]
-    again = subprocess.run(torchrun(*args, "resume=true", cwd=tmp_path), cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    again = ranks.run(["train", *args, "resume=true"], cwd=tmp_path, env=_env())  # the ranks torchrun would start
+    assert again.returncode == 0, again.stdout[-3000:]
     assert final(run_dir)["arch"] == final(single)["arch"]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
@@ -150,14 +155,12 @@ def test_two_ranks_resume_inside_a_training_statistics_window(tmp_path):
     extra = ["growth.stats=training", "trainer.checkpoint_every=1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     for run_dir, env in ((full, {}), (cut, {"GROWRUN_KILL_AT": "stats:2"})):
-        proc = subprocess.run(torchrun(*ARGS, *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path), cwd=tmp_path,
-                              env={**_env(), **env}, capture_output=True, text=True, timeout=600)
-        assert (proc.returncode == 0) == (run_dir == full), (proc.stdout + proc.stderr)[-3000:]
+        proc = ranks.run(["train", *ARGS, *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={**_env(), **env})
+        assert (proc.returncode == 0) == (run_dir == full), proc.stdout[-3000:]
     window = final(cut)["trainer"]["growth"]["window"]
     assert final(cut)["trainer"]["step"] == 5 and [r["fc1"]["batches"] for r in window["ranks"]] == [1, 1]
-    again = subprocess.run(torchrun(*ARGS, *extra, "resume=true", f"hydra.run.dir={cut}", cwd=tmp_path), cwd=tmp_path,
-                           env=_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    again = ranks.run(["train", *ARGS, *extra, "resume=true", f"hydra.run.dir={cut}"], cwd=tmp_path, env=_env())
+    assert again.returncode == 0, again.stdout[-3000:]
     a, b = final(full), final(cut)
     assert a["arch"] == b["arch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
