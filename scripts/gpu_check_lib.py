@@ -159,6 +159,8 @@ def nondeterministic_ops(runs) -> list[str]:
 class Launcher:
     """Starts runs as subprocesses in `root` (their own process group each), `jobs` at a time."""
 
+    popen = staticmethod(subprocess.Popen)  # how a run's process starts (the test suite forks warm ones)
+
     def __init__(self, root: Path, report: Report, jobs: int, timeout: float):
         self.root, self.report, self.jobs, self.timeout = root, report, jobs, timeout
         self.live: set[subprocess.Popen] = set()
@@ -174,7 +176,7 @@ class Launcher:
         self.report.progress(f"start {run.label}: {run.command} {what}".rstrip())
         t0 = time.time()
         with open(run.log, "a") as log:
-            proc = subprocess.Popen(run.argv(), cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+            proc = self.popen(run.argv(), cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             self.live.add(proc)
             try:

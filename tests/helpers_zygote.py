@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PIPE, DEVNULL = subprocess.PIPE, subprocess.DEVNULL
+PIPE, DEVNULL, STDOUT = subprocess.PIPE, subprocess.DEVNULL, subprocess.STDOUT
 HEADER = struct.Struct("!I")
 
 
@@ -84,14 +84,15 @@ def _child(request: dict, fds: list[int], closing: list[socket.socket]) -> None:
 
         sys.stderr.write(request["warnings"])
         growrun.child.subprocess = _ForkingSubprocess  # `growrun resume`'s training child: forked too
-        code = _main(request["args"])
+        code = _main(request["args"], request.get("source"))
     finally:
         _exit(code)
 
 
-def _main(args: list[str]) -> int:
-    """growrun.cli.main(args) run to the end as `python -m growrun ARGS` would be: its exit status
-    (1 and a traceback for an uncaught exception), the threads joined and the atexit functions run."""
+def _main(args: list[str], source: str | None = None) -> int:
+    """growrun.cli.main(args) run to the end as `python -m growrun ARGS` would be (with source:
+    `python -c SOURCE ARGS`): its exit status (1 and a traceback for an uncaught exception), the
+    threads joined and the atexit functions run."""
     import torch
 
     import growrun.cli
@@ -101,9 +102,13 @@ def _main(args: list[str]) -> int:
         threads = os.environ.get("OMP_NUM_THREADS", "")
         torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
                               else len(os.sched_getaffinity(0)))
-    sys.argv = [str(Path(growrun.cli.__file__).with_name("__main__.py")), *args]
+    sys.argv = ["-c" if source else str(Path(growrun.cli.__file__).with_name("__main__.py")), *args]
     try:
-        code = growrun.cli.main(args)
+        if source:
+            exec(compile(source, "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102
+            code = 0
+        else:
+            code = growrun.cli.main(args)
     except SystemExit as ex:
         if ex.code is None or isinstance(ex.code, int):
             code = ex.code or 0
@@ -250,10 +255,10 @@ class _Zygote:
             self.proc.wait()
 
     def spawn(self, args: list[str], cwd: str, env: dict, out_fd: int, err_fd: int,
-              new_session: bool) -> tuple[socket.socket, int]:
+              new_session: bool, source: str | None = None) -> tuple[socket.socket, int]:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.path)
-        body = json.dumps({"args": args, "cwd": cwd, "env": env, "new_session": new_session}).encode()
+        body = json.dumps({"args": args, "cwd": cwd, "env": env, "new_session": new_session, "source": source}).encode()
         message = HEADER.pack(len(body)) + body
         sent = socket.send_fds(conn, [message], [out_fd, err_fd])
         if sent < len(message):
@@ -292,18 +297,20 @@ def _read_line(conn: socket.socket, timeout: float | None) -> str | None:
 
 
 class Process:
-    """`subprocess.Popen([sys.executable, "-m", "growrun", *args], text=True, ...)` from the zygote.
-    stdout / stderr: PIPE (a temporary file, readable as .stdout / .stderr, and by communicate()),
-    DEVNULL, or None (this process's own)."""
+    """`subprocess.Popen([sys.executable, "-m", "growrun", *args], text=True, ...)` from the zygote
+    (with source: `[sys.executable, "-c", source, *args]`). stdout / stderr: PIPE (a temporary
+    file, readable as .stdout / .stderr, and by communicate()), DEVNULL, None (this process's
+    own), a file or descriptor; stderr also STDOUT."""
 
     def __init__(self, args, *, cwd, env: dict | None = None, stdout=None, stderr=None,
-                 start_new_session: bool = False):
+                 start_new_session: bool = False, source: str | None = None):
         self.args = [str(a) for a in args]
         self.returncode: int | None = None
         self.stdout = self.stderr = None
         zygote = _zygote()
         if zygote is None:
-            self._popen = subprocess.Popen([sys.executable, "-m", "growrun", *self.args], cwd=cwd, env=env,
+            head = ["-c", source] if source else ["-m", "growrun"]
+            self._popen = subprocess.Popen([sys.executable, *head, *self.args], cwd=cwd, env=env,
                                            stdout=stdout, stderr=stderr, text=True,
                                            start_new_session=start_new_session)
             self.pid, self.stdout, self.stderr = self._popen.pid, self._popen.stdout, self._popen.stderr
@@ -319,11 +326,13 @@ class Process:
                 fds.append(os.open(os.devnull, os.O_WRONLY))
             elif target is None:
                 fds.append(own)
+            elif target == STDOUT:
+                fds.append(fds[0])
             else:
                 fds.append(target.fileno() if hasattr(target, "fileno") else target)
         try:
             self._conn, self.pid = zygote.spawn(self.args, str(cwd), dict(os.environ if env is None else env),
-                                                fds[0], fds[1], start_new_session)
+                                                fds[0], fds[1], start_new_session, source)
         finally:
             for target, fd in zip((stdout, stderr), fds):
                 if target == DEVNULL:

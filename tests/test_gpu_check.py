@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import helpers_zygote as zygote
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from gpu_check import compare_main  # noqa: E402
-from gpu_check_lib import CheckFailed, Report  # noqa: E402
+from gpu_check import main as gpu_check_main  # noqa: E402
+from gpu_check_lib import CheckFailed, Launcher, Report  # noqa: E402
 from gpu_check_measure import compare_states  # noqa: E402
 
 from growrun.train.outputs import save_checkpoint  # noqa: E402
@@ -33,10 +36,22 @@ def lines(stdout: str, status: str) -> dict[str, str]:
     return found
 
 
-def test_cpu_part_passes_and_skips_each_cuda_part_once(tmp_path):
+def forked(argv: list[str], *, stderr, **popen) -> zygote.Process:
+    """subprocess.Popen of `python -m growrun ARGS` or `python -c SOURCE ARGS`, forked from the
+    test zygote (tests/helpers_zygote.py) instead of a fresh interpreter's ~7 s start-up."""
+    assert argv[0] == sys.executable and (argv[1:3] == ["-m", "growrun"] or argv[1] == "-c"), argv
+    return zygote.Process(argv[3:], stderr=zygote.STDOUT if stderr == subprocess.STDOUT else stderr,
+                          source=argv[2] if argv[1] == "-c" else None, **popen)
+
+
+def test_cpu_part_passes_and_skips_each_cuda_part_once(tmp_path, monkeypatch, capsys):
+    """`gpu_check.py --quick --device cpu`, run in this process; its runs are real processes."""
     out = tmp_path / "record.json"
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "gpu_check.py"), "--quick", "--device", "cpu", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    monkeypatch.setattr(Launcher, "popen", staticmethod(forked))
+    monkeypatch.chdir(tmp_path)
+    code = gpu_check_main(["--quick", "--device", "cpu", "--out", str(out)])
+    said = capsys.readouterr()
+    proc = SimpleNamespace(returncode=code, stdout=said.out, stderr=said.err)
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0, said[-4000:]
     passed, skipped = lines(proc.stdout, "PASS"), lines(proc.stdout, "SKIP")
