@@ -2,9 +2,10 @@
 growth on 1-4-wide sites, in the memory format training uses by default. A crash of torch's
 CPU kernels kills this process (SIGSEGV, abort) or hangs it; the parent reports which.
 
-    python tests/cpu_probe.py THREADS
+    python tests/cpu_probe.py THREADS[,THREADS...]
 
-Prints one line per stage so that the parent can say where it stopped.
+Runs everything at each thread count in turn; prints one line per stage (with the thread count)
+so that the parent can say where it stopped.
 """
 from __future__ import annotations
 
@@ -71,17 +72,18 @@ def grow_every_site(model) -> None:
 
 
 def main() -> None:
-    torch.set_num_threads(int(sys.argv[1]))
     print(f"memory format {FORMAT}", flush=True)
-    for arch in MODELS:
-        widths = {k: arch[k] for k in ("stream", "hidden") if k in arch}
-        print(f"train {arch['name']} {widths}", flush=True)
-        torch.manual_seed(0)
-        train_steps(build_model(arch))
-    for arch in (MODELS[0], MODELS[2], MODELS[4]):
-        print(f"grow {arch['name']} {arch.get('stream')} {arch['hidden']}", flush=True)
-        torch.manual_seed(0)
-        grow_every_site(build_model(arch))
+    for threads in map(int, sys.argv[1].split(",")):
+        torch.set_num_threads(threads)
+        for arch in MODELS:
+            widths = {k: arch[k] for k in ("stream", "hidden") if k in arch}
+            print(f"{threads} threads: train {arch['name']} {widths}", flush=True)
+            torch.manual_seed(0)
+            train_steps(build_model(arch))
+        for arch in (MODELS[0], MODELS[2], MODELS[4]):
+            print(f"{threads} threads: grow {arch['name']} {arch.get('stream')} {arch['hidden']}", flush=True)
+            torch.manual_seed(0)
+            grow_every_site(build_model(arch))
     print("ok", flush=True)
 
 

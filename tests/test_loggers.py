@@ -227,12 +227,28 @@ def test_keep_until_keeps_the_early_steps_and_finishes_or_drops_an_interrupted_s
 
 # --- logger=mlflow, with a real local tracking store (a sqlite file) read back by MLflow's client -----
 
-@pytest.mark.slow
-def test_mlflow_holds_every_csv_cell_the_params_the_status_and_the_files(tmp_path, run_cli):
+@pytest.fixture(scope="module")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made (a new store spends ~2 s creating them)."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def mlflow_store(empty: Path, tmp_path: Path) -> str:
+    """The tracking URI of a copy of the empty store, in tmp_path."""
+    shutil.copyfile(empty, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.slow
+def test_mlflow_holds_every_csv_cell_the_params_the_status_and_the_files(tmp_path, run_cli, empty_mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow_store(empty_mlflow_store, tmp_path)
     run_dir = tmp_path / "run"
     proc = run_cli("train", *GROW, "logger=mlflow", f"logger.tracking_uri={uri}", "logger.project=study",
                    "optim.lr=0.0625", f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -254,11 +270,10 @@ def test_mlflow_holds_every_csv_cell_the_params_the_status_and_the_files(tmp_pat
 
 
 @pytest.mark.slow
-def test_mlflow_after_a_kill_and_resume_continues_the_same_run_with_each_step_once(tmp_path):
-    pytest.importorskip("mlflow")
+def test_mlflow_after_a_kill_and_resume_continues_the_same_run_with_each_step_once(tmp_path, empty_mlflow_store):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(empty_mlflow_store, tmp_path)
     run_dir = kill_and_resume(tmp_path, "logger=mlflow", f"logger.tracking_uri={uri}")
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("growrun").experiment_id])
