@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import helpers_zygote as zygote
+from helpers_shared import built_once
 from omegaconf import OmegaConf
 
 from growrun.errors import GrowrunError
@@ -48,23 +49,26 @@ def study(tmp_path_factory):
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("equal")
-    env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
+    def build(root: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
 
-    def growrun(*args):
-        proc = zygote.run(args, cwd=root, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
+        def growrun(*args):
+            proc = zygote.run(args, cwd=root, env=env, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc
 
-    growrun("train", "-m", *BASE, *GROWN, "growth=random,zero", "seed=0,1", f"hydra.sweep.dir={root / 'grown'}")
-    listed = subprocess.run([sys.executable, "-m", "growrun.train.budget", str(root / "grown"), "--seed", "0"],
-                            capture_output=True, text=True, env=env, timeout=120)
-    growrun("train", "-m", *BASE, "growth=none", "seed=0", f"trainer.budget_from={listed.stdout.strip()}",
-            f"hydra.sweep.dir={root / 'equal' / 'seed0'}")
-    growrun("train", "-m", *BASE, "growth=none", "seed=1", f"trainer.budget_from={root / 'grown'}",
-            f"hydra.sweep.dir={root / 'equal' / 'seed1'}")
-    report = growrun("report", str(root / "grown"), str(root / "equal"), "--out", str(root / "report"))
-    return root, listed.stdout.strip(), report.stdout
+        growrun("train", "-m", *BASE, *GROWN, "growth=random,zero", "seed=0,1", f"hydra.sweep.dir={root / 'grown'}")
+        listed = subprocess.run([sys.executable, "-m", "growrun.train.budget", str(root / "grown"), "--seed", "0"],
+                                capture_output=True, text=True, env=env, timeout=120)
+        growrun("train", "-m", *BASE, "growth=none", "seed=0", f"trainer.budget_from={listed.stdout.strip()}",
+                f"hydra.sweep.dir={root / 'equal' / 'seed0'}")
+        growrun("train", "-m", *BASE, "growth=none", "seed=1", f"trainer.budget_from={root / 'grown'}",
+                f"hydra.sweep.dir={root / 'equal' / 'seed1'}")
+        report = growrun("report", str(root / "grown"), str(root / "equal"), "--out", str(root / "report"))
+        (root / "outputs.json").write_text(json.dumps([listed.stdout.strip(), report.stdout]))
+
+    root = built_once(tmp_path_factory, "equal_compute_study", build)
+    return root, *json.loads((root / "outputs.json").read_text())
 
 
 def test_budgets_come_from_the_run_of_the_same_seed_or_the_sweeps_mean(study):

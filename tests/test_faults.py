@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import helpers_zygote as zygote
 import torch
+from helpers_shared import built_once
 from helpers_training import compose_cfg
 
 from growrun.errors import Diverged, GrowrunError
@@ -72,11 +73,12 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run of GROW."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = growrun("train", *GROW, f"hydra.run.dir={root / 'run'}", cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run"
+    """The uninterrupted run of GROW (tests only read it)."""
+    def build(root: Path) -> None:
+        proc = growrun("train", *GROW, f"hydra.run.dir={root / 'run'}", cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "faults_reference", build) / "run"
 
 
 def test_killed_anywhere_resumes_bit_identical(tmp_path, reference):

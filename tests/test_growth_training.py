@@ -2,12 +2,15 @@
 and exact resume across growth events."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_shared import built_once
 from torch import nn
 
 from growrun.config import store  # noqa: F401
@@ -190,10 +193,14 @@ def test_line_search_without_neurons_needs_no_moments():
 
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
-    """One run of compose_cfg() (GROW): its directory and the summary run() returned. Tests only
-    read it."""
-    run_dir = tmp_path_factory.mktemp("grown")
-    return run_dir, run_module.run(compose_cfg(), run_dir)
+    """One run of compose_cfg() (GROW): its directory and the summary run() returned (as written
+    to summary.json). Tests only read it."""
+    def build(run_dir: Path) -> None:
+        summary = run_module.run(compose_cfg(), run_dir)
+        assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+    run_dir = built_once(tmp_path_factory, "growth_training_grown", build)
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.mark.slow
