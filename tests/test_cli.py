@@ -20,7 +20,7 @@ from growrun.data.fake import write_cifar10
 from growrun.train.outputs import load_checkpoint
 
 # A run small enough for a test: 256 synthetic images, a ResNet18 at 1/16 width.
-SMALL = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=128", "model=resnet18",
+SMALL = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=128", "dataset.image_size=16", "model=resnet18",
          "model.width=0.0625", "trainer.batch_size=64", "trainer.eval_batch_size=128", "trainer.threads=1"]
 TIME_COLUMNS = {"epoch_seconds", "growth_seconds", "total_seconds"}
 

@@ -26,8 +26,9 @@ def test_train_flops_count_every_image_at_the_width_it_was_seen_at(tmp_path):
     cfg = compose_cfg("growth.dt=1", "trainer.epochs=3")
     summary = run_module.run(cfg, tmp_path)
     rows = _rows(tmp_path / "metrics.csv")
-    arch = initial_arch(cfg.model, 10, (3, 32, 32))
-    start_flops = count_flops(build_model(arch), (3, 32, 32))
+    shape = (3, cfg.dataset.image_size, cfg.dataset.image_size)
+    arch = initial_arch(cfg.model, 10, shape)
+    start_flops = count_flops(build_model(arch), shape)
     widths_before = [start_flops] + [int(r["flops_per_image"]) for r in rows[:-1]]
     expected, total = [], 0
     for f in widths_before:

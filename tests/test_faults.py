@@ -35,7 +35,7 @@ from growrun.train.outputs import FORMAT, CheckpointError, load_checkpoint, read
 from growrun.train.safety import RunLock, config_differences
 
 # growth events at steps 4, 6, 8, 10 (4 steps per epoch, dt = 0.5), 3 epochs, 8 sites
-GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "model=resnet18",
+GROW = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "dataset.image_size=16", "model=resnet18",
         "model.width=0.125", "model.start_fraction=0.015625", "growth=tiny", "growth.target_fraction=0.0625",
         "growth.steps=2", "growth.dt=0.5", "growth.samples=128", "growth.stats_batch_size=64",
         "growth.line_search.batch_size=64", "trainer.batch_size=64", "trainer.epochs=3", "trainer.threads=1",

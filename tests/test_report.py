@@ -322,7 +322,7 @@ def test_a_crash_leaves_the_previous_report_whole(sweep, monkeypatch, capsys):
 
 
 # --- end to end: a real 2-run sweep with growth -------------------------------------------------
-SWEEP = ["dataset=synthetic", "dataset.train_size=128", "dataset.test_size=64", "model=resnet18",
+SWEEP = ["dataset=synthetic", "dataset.train_size=128", "dataset.test_size=64", "dataset.image_size=16", "model=resnet18",
          "model.width=0.0625", "model.start_fraction=0.015625", "growth=tiny", "growth.target_fraction=0.0625",
          "growth.steps=2", "growth.dt=1.0", "growth.samples=64", "growth.stats_batch_size=64",
          "growth.line_search.batch_size=32", "trainer.batch_size=32", "trainer.epochs=3", "trainer.threads=1",
