@@ -177,7 +177,7 @@ class Launcher:
         t0 = time.time()
         with open(run.log, "a") as log:
             proc = self.popen(run.argv(), cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                              start_new_session=True)
             self.live.add(proc)
             try:
                 run.returncode = proc.wait(timeout=self.timeout)
