@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import helpers_zygote as zygote
 import pytest
@@ -50,20 +49,19 @@ def test_cpu_part_passes_and_skips_each_cuda_part_once(tmp_path, monkeypatch, ca
     monkeypatch.setattr(Launcher, "popen", staticmethod(forked))
     monkeypatch.chdir(tmp_path)
     code = gpu_check_main(["--quick", "--device", "cpu", "--out", str(out)])
-    said = capsys.readouterr()
-    proc = SimpleNamespace(returncode=code, stdout=said.out, stderr=said.err)
-    said = proc.stdout + proc.stderr
-    assert proc.returncode == 0, said[-4000:]
-    passed, skipped = lines(proc.stdout, "PASS"), lines(proc.stdout, "SKIP")
-    assert not lines(proc.stdout, "FAIL"), said[-4000:]
+    captured = capsys.readouterr()
+    stdout, said = captured.out, captured.out + captured.err
+    assert code == 0, said[-4000:]
+    passed, skipped = lines(stdout, "PASS"), lines(stdout, "SKIP")
+    assert not lines(stdout, "FAIL"), said[-4000:]
     assert set(passed) == set(CPU_PASSES), said[-4000:]
     assert set(skipped) == set(CUDA_SKIPS), said[-4000:]
     for name in CUDA_SKIPS:  # exactly one line each
-        assert sum(line.startswith(f"SKIP {name}:") for line in proc.stdout.splitlines()) == 1
+        assert sum(line.startswith(f"SKIP {name}:") for line in stdout.splitlines()) == 1
     if not torch.cuda.is_available():
         assert all(text == "no CUDA device" for text in skipped.values()), skipped
     assert "bit-identical" in passed["resume/sigterm"] and "bit-identical" in passed["resume/sigkill"]
-    assert proc.stdout.splitlines()[-1].startswith(f"gpu-check: {len(CPU_PASSES)} PASS, 0 FAIL, {len(CUDA_SKIPS)} SKIP")
+    assert stdout.splitlines()[-1].startswith(f"gpu-check: {len(CPU_PASSES)} PASS, 0 FAIL, {len(CUDA_SKIPS)} SKIP")
     record = json.loads(out.read_text())
     assert {c["name"]: c["status"] for c in record["checks"]} == \
         {**dict.fromkeys(CPU_PASSES, "PASS"), **dict.fromkeys(CUDA_SKIPS, "SKIP")}
