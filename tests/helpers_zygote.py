@@ -388,9 +388,11 @@ def signal_when(proc: Process, ready, signum: int, timeout: float = 300) -> tupl
     return proc.communicate(timeout=120)
 
 
-def run(args, *, cwd, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """`subprocess.run([sys.executable, "-m", "growrun", *args], capture_output=True, text=True, ...)`."""
-    proc = Process(args, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE)
+def run(args, *, cwd, env: dict | None = None, timeout: float | None = None,
+        source: str | None = None) -> subprocess.CompletedProcess:
+    """`subprocess.run([sys.executable, "-m", "growrun", *args], capture_output=True, text=True, ...)`
+    (with source: `[sys.executable, "-c", source, *args]`)."""
+    proc = Process(args, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE, source=source)
     try:
         out, err = proc.communicate(timeout)
     except subprocess.TimeoutExpired:

@@ -42,13 +42,13 @@ def per_step(run: Path) -> float:
     return 3 * float(rows(run / "metrics.csv")[-1]["flops_per_image"]) * 64
 
 
+BUDGET_CLI = "import runpy; runpy.run_module('growrun.train.budget', run_name='__main__', alter_sys=True)"
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """random and zero x seeds 0, 1 (4 grown MLP runs); the fixed network at each seed-0 run's compute
     (trainer.budget_from=<run>, two runs) and at the seed-1 runs' mean (trainer.budget_from=<sweep>)."""
-    import subprocess
-    import sys
-
     def build(root: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "GROWRUN_UID"} | {"OMP_NUM_THREADS": "1"}
 
@@ -58,8 +58,8 @@ def study(tmp_path_factory):
             return proc
 
         growrun("train", "-m", *BASE, *GROWN, "growth=random,zero", "seed=0,1", f"hydra.sweep.dir={root / 'grown'}")
-        listed = subprocess.run([sys.executable, "-m", "growrun.train.budget", str(root / "grown"), "--seed", "0"],
-                                capture_output=True, text=True, env=env, timeout=120)
+        # `python -m growrun.train.budget SWEEP --seed 0`, forked from the warm zygote
+        listed = zygote.run([str(root / "grown"), "--seed", "0"], cwd=root, env=env, timeout=120, source=BUDGET_CLI)
         growrun("train", "-m", *BASE, "growth=none", "seed=0", f"trainer.budget_from={listed.stdout.strip()}",
                 f"hydra.sweep.dir={root / 'equal' / 'seed0'}")
         growrun("train", "-m", *BASE, "growth=none", "seed=1", f"trainer.budget_from={root / 'grown'}",

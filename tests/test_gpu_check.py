@@ -95,8 +95,11 @@ def test_a_difference_fails_loudly(tmp_path, capsys):
     # (timing columns aside): PASS and 0; a growth.csv row that differs: FAIL (in this process)
     rows = "1,4,fc1,2,0.5\n"
     a = fake_run(tmp_path / "a", model, rows)
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "gpu_check.py"), "--compare", str(a),
-                           str(fake_run(tmp_path / "b", changed, rows))], capture_output=True, text=True, timeout=300)
+    # `python scripts/gpu_check.py --compare A B`, forked from the warm zygote
+    script = f"import runpy, sys; sys.path.insert(0, {str(SCRIPTS)!r}); " \
+             f"runpy.run_path({str(SCRIPTS / 'gpu_check.py')!r}, run_name='__main__')"
+    proc = zygote.run(["--compare", str(a), str(fake_run(tmp_path / "b", changed, rows))], cwd=tmp_path,
+                      timeout=300, source=script)
     assert proc.returncode == 1 and proc.stdout.startswith("FAIL compare: fc1.weight: 1 of 12 elements differ"), \
         proc.stdout + proc.stderr
     same_run = fake_run(tmp_path / "c", {k: v.clone() for k, v in model.items()}, rows.replace("0.5", "0.7"))
