@@ -3,6 +3,8 @@
     python scripts/results.py add results/STUDY/runs.csv ARM RUN_DIR [RUN_DIR ...] [--equal ARM]
         --commit SHA [--note TEXT]
     python scripts/results.py tables [ROOT] [--check]
+    python scripts/results.py plot results/STUDY/curves.csv OUT.png
+
 
 `add` reads each run directory (summary.json, metrics.csv, .hydra/config.yaml) and writes its row
 (replacing a row of the same arm and seed): final and best test accuracy, compute (train_flops +
@@ -14,6 +16,12 @@ network trained for its full length): accuracy and compute as a share of its mea
 page under results/ (ROOT) with a `<!-- table rows=FILE [reference=ARM] -->` ... `<!-- /table -->`
 block gets the table of FILE (relative to the page) between those lines; --check compares instead
 of writing (the test suite runs it, so a published table cannot drift from its rows).
+
+`add` also writes each run's accuracy-vs-compute curve (one row per epoch: compute so far, test
+accuracy, learning rate, parameters) to curves.csv beside the rows file. A `<!-- curves
+rows=FILE at=X,Y,... -->` ... `<!-- /curves -->` block gets, per arm, the mean over seeds of the
+test accuracy of the last epoch finished within X, Y, ... TFLOPs; `plot` draws the curves (one
+line per run, a colour per arm; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -46,6 +54,33 @@ def run_row(arm: str, run: Path, equal: str, commit: str, machine: str, note: st
             "equal_arm": equal, "run": run.name, "commit": commit, "machine": machine, "note": note}
 
 
+CURVE_COLUMNS = ["arm", "seed", "epoch", "compute", "test_acc", "lr", "params"]
+
+
+def curve_rows(arm: str, run: Path) -> list[dict]:
+    """A run's accuracy-vs-compute curve: per epoch, the training + growth FLOPs spent so far."""
+    seed = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["seed"]
+    with open(run / "metrics.csv", newline="") as f:
+        return [{"arm": arm, "seed": seed, "epoch": int(r["epoch"]),
+                 "compute": float(r["train_flops"]) + float(r["growth_flops"]), "test_acc": float(r["test_acc"]),
+                 "lr": float(r["lr"]), "params": int(r["params"])} for r in csv.DictReader(f)]
+
+
+def _replace(rows: list[dict], new: list[dict]) -> list[dict]:
+    """rows without those of new's (arm, seed) pairs, then new; sorted by arm, seed (and epoch)."""
+    pairs = {(r["arm"], str(r["seed"])) for r in new}
+    kept = [r for r in rows if (r["arm"], str(r["seed"])) not in pairs] + new
+    return sorted(kept, key=lambda r: (r["arm"], int(r["seed"]), int(r.get("epoch") or 0)))
+
+
+def write_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -58,16 +93,12 @@ def add(args) -> None:
 
     machine = describe()
     text = f"{machine['cpu']}, {machine['cores']} cores, {machine['aten_cpu_capability']}"
-    rows = read_rows(args.rows)
+    rows, curves = read_rows(args.rows), read_rows(args.rows.with_name("curves.csv"))
     for run in args.runs:
-        new = run_row(args.arm, run, args.equal or "", args.commit, text, args.note)
-        rows = [r for r in rows if (r["arm"], str(r["seed"])) != (new["arm"], str(new["seed"]))] + [new]
-    rows.sort(key=lambda r: (r["arm"], int(r["seed"])))
-    args.rows.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.rows, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        rows = _replace(rows, [run_row(args.arm, run, args.equal or "", args.commit, text, args.note)])
+        curves = _replace(curves, curve_rows(args.arm, run))
+    write_rows(args.rows, COLUMNS, rows)
+    write_rows(args.rows.with_name("curves.csv"), CURVE_COLUMNS, curves)
 
 
 def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -108,16 +139,69 @@ def table(rows: list[dict], reference: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-MARKER = re.compile(r"<!-- table rows=(?P<rows>\S+)(?: reference=(?P<ref>\S+))? -->\n(?P<body>.*?)<!-- /table -->",
-                    re.S)
+def curve_table(rows: list[dict], at: list[float]) -> str:
+    """Per arm, the mean over its seeds of the test accuracy (%) of the last epoch finished within
+    each compute in `at` (TFLOPs); — where a seed has no epoch that cheap."""
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        runs.setdefault(r["arm"], {}).setdefault(str(r["seed"]), []).append(r)
+    head = ["arm", "n"] + [f"<= {x:g} TFLOPs" for x in at]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, seeds in runs.items():
+        cells = [arm, str(len(seeds))]
+        for x in at:
+            reached = [[float(r["test_acc"]) for r in curve if float(r["compute"]) <= x * 1e12] for curve in seeds.values()]
+            cells.append(f"{100 * statistics.mean(accs[-1] for accs in reached):.1f}" if all(reached) else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# A marked block: its opening comment (what to make, from which rows), the generated body, its closing comment.
+MARKERS = [
+    (re.compile(r"<!-- table rows=(?P<rows>\S+)(?: reference=(?P<ref>\S+))? -->\n(?P<body>.*?)<!-- /table -->", re.S),
+     lambda rows, m: table(rows, m["ref"])),
+    (re.compile(r"<!-- curves rows=(?P<rows>\S+) at=(?P<at>[\d.,]+) -->\n(?P<body>.*?)<!-- /curves -->", re.S),
+     lambda rows, m: curve_table(rows, [float(x) for x in m["at"].split(",")])),
+]
 
 
 def render(page: Path) -> str:
-    """The page with every marked table regenerated from its rows file (relative to the page)."""
-    def one(m: re.Match) -> str:
-        text = table(read_rows(page.parent / m["rows"]), m["ref"])
-        return m.group(0).replace(m["body"], text, 1) if m["body"] else m.group(0).replace("-->\n", "-->\n" + text, 1)
-    return MARKER.sub(one, page.read_text())
+    """The page with every marked block regenerated from its rows file (relative to the page)."""
+    text = page.read_text()
+    for marker, make in MARKERS:
+        def one(m: re.Match, make=make) -> str:
+            body = make(read_rows(page.parent / m["rows"]), m)
+            return m.group(0).replace(m["body"], body, 1) if m["body"] else m.group(0).replace("-->\n", "-->\n" + body, 1)
+        text = marker.sub(one, text)
+    return text
+
+
+def plot(curves: Path, out: Path) -> None:
+    """Test accuracy against compute, one line per run, one colour per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in read_rows(curves):
+        runs.setdefault((r["arm"], str(r["seed"])), []).append(r)
+    arms = sorted({arm for arm, _ in runs})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labelled = set()
+    for (arm, _), curve in runs.items():
+        ax.plot([float(r["compute"]) / 1e12 for r in curve], [100 * float(r["test_acc"]) for r in curve],
+                color=f"C{arms.index(arm)}", marker="o", markersize=2.5, linewidth=1,
+                label=None if arm in labelled else arm)
+        labelled.add(arm)
+    ax.set_xlabel("compute spent (training + growth, TFLOPs)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def tables(root: Path, check: bool) -> int:
@@ -125,7 +209,7 @@ def tables(root: Path, check: bool) -> int:
     stale = []
     for page in sorted(root.rglob("*.md")):
         text = page.read_text()
-        if not MARKER.search(text):
+        if not any(marker.search(text) for marker, _ in MARKERS):
             continue
         new = render(page)
         if new != text:
@@ -150,9 +234,15 @@ def main(argv: list[str]) -> int:
     t = sub.add_parser("tables")
     t.add_argument("root", type=Path, nargs="?", default=Path(__file__).resolve().parents[1] / "results")
     t.add_argument("--check", action="store_true", help="exit 1 if a table differs from its rows; write nothing")
+    p = sub.add_parser("plot")
+    p.add_argument("curves", type=Path)
+    p.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     if args.command == "add":
         add(args)
+        return 0
+    if args.command == "plot":
+        plot(args.curves, args.out)
         return 0
     return tables(args.root, args.check)
 

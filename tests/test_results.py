@@ -3,6 +3,7 @@ rows give; the table's numbers are the rows' means, sample stds and per-seed dif
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 import statistics
 from pathlib import Path
@@ -49,3 +50,39 @@ def test_a_table_follows_its_rows_and_check_sees_a_stale_one(tmp_path):
     assert f"{100 * statistics.mean(accs) / 0.855:.1f} %" in line and f"{100 * 61e12 / 100e12:.1f} %" in line
     (tmp_path / "runs.csv").write_text((tmp_path / "runs.csv").read_text().replace("0.84,", "0.74,"))
     assert results.tables(tmp_path, check=True) == 1  # a row changed: the published table is stale
+
+
+def fake_run(run: Path, seed: int, epochs: list[tuple[float, float, float]]) -> Path:
+    """A finished run directory: per epoch (train FLOPs so far, growth FLOPs so far, test accuracy)."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "lr", "test_acc", "params", "train_flops", "growth_flops", "total_seconds"])
+        for i, (train, growth, acc) in enumerate(epochs, 1):
+            writer.writerow([i, 0.1 / i, acc, 100 * i, train, growth, 10.0 * i])
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "best_test_acc": max(a for *_, a in epochs),
+                                                  "growth_seconds": 1.0, "epochs_done": len(epochs),
+                                                  "step": 10 * len(epochs)}))
+    return run
+
+
+def test_add_writes_the_curves_and_their_table_reads_the_last_epoch_within_each_compute(tmp_path):
+    results = results_module()
+    rows = tmp_path / "study" / "runs.csv"
+    a = fake_run(tmp_path / "a", 0, [(10e12, 1e12, 0.50), (30e12, 2e12, 0.60), (50e12, 2e12, 0.70)])
+    b = fake_run(tmp_path / "b", 1, [(20e12, 0.0, 0.40), (40e12, 0.0, 0.65), (60e12, 0.0, 0.72)])
+    for run in (a, b, a):  # adding a run again replaces its rows
+        assert results.main(["add", str(rows), "grown", str(run), "--commit", "abc1234"]) == 0
+    curves = results.read_rows(rows.with_name("curves.csv"))
+    assert [(r["seed"], r["epoch"], float(r["compute"]), float(r["test_acc"])) for r in curves] == [
+        ("0", "1", 11e12, 0.50), ("0", "2", 32e12, 0.60), ("0", "3", 52e12, 0.70),
+        ("1", "1", 20e12, 0.40), ("1", "2", 40e12, 0.65), ("1", "3", 60e12, 0.72)]
+    assert [r["final_test_acc"] for r in results.read_rows(rows)] == ["0.7", "0.72"]
+    page = rows.with_name("page.md")
+    page.write_text("<!-- curves rows=curves.csv at=15,20,45,60 -->\n<!-- /curves -->\n")
+    assert results.tables(tmp_path, check=True) == 1 and results.tables(tmp_path, check=False) == 0
+    line = next(ln for ln in page.read_text().splitlines() if ln.startswith("| grown |"))
+    # within 15: seed 1 has no epoch yet; 20: 0.50 and 0.40; 45: 0.60 and 0.65; 60: 0.70 and 0.72
+    assert line == f"| grown | 2 | — | {100 * (0.50 + 0.40) / 2:.1f} | {100 * (0.60 + 0.65) / 2:.1f} | " \
+                   f"{100 * (0.70 + 0.72) / 2:.1f} |"
