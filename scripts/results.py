@@ -5,7 +5,6 @@
     python scripts/results.py tables [ROOT] [--check]
     python scripts/results.py plot results/STUDY/curves.csv OUT.png
 
-
 `add` reads each run directory (summary.json, metrics.csv, .hydra/config.yaml) and writes its row
 (replacing a row of the same arm and seed): final and best test accuracy, compute (train_flops +
 growth_flops), wall and growth seconds, the commit and this machine (growrun.machine), and --equal:
@@ -177,8 +176,12 @@ def render(page: Path) -> str:
 
 
 def plot(curves: Path, out: Path) -> None:
-    """Test accuracy against compute, one line per run, one colour per arm."""
-    import matplotlib
+    """Test accuracy against compute, one line per run, one colour per arm; written whole or not at all."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plot needs matplotlib: pip install -e '.[plots]'") from None
+    from growrun.files import atomic_write
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,7 +203,7 @@ def plot(curves: Path, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
