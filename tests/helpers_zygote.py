@@ -388,6 +388,18 @@ def signal_when(proc: Process, ready, signum: int, timeout: float = 300) -> tupl
     return proc.communicate(timeout=120)
 
 
+def module_source(module: str) -> str:
+    """source= that makes `python -c SOURCE ARGS` run as `python -m MODULE ARGS`."""
+    return f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+
+
+def script_source(path: Path) -> str:
+    """source= that makes `python -c SOURCE ARGS` run as `python PATH ARGS` (its directory first on
+    sys.path, as python puts it)."""
+    return f"import runpy, sys; sys.path.insert(0, {str(Path(path).parent)!r}); " \
+           f"runpy.run_path({str(path)!r}, run_name='__main__')"
+
+
 def run(args, *, cwd, env: dict | None = None, timeout: float | None = None,
         source: str | None = None) -> subprocess.CompletedProcess:
     """`subprocess.run([sys.executable, "-m", "growrun", *args], capture_output=True, text=True, ...)`

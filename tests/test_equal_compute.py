@@ -42,9 +42,6 @@ def per_step(run: Path) -> float:
     return 3 * float(rows(run / "metrics.csv")[-1]["flops_per_image"]) * 64
 
 
-BUDGET_CLI = "import runpy; runpy.run_module('growrun.train.budget', run_name='__main__', alter_sys=True)"
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """random and zero x seeds 0, 1 (4 grown MLP runs); the fixed network at each seed-0 run's compute
@@ -59,7 +56,8 @@ def study(tmp_path_factory):
 
         growrun("train", "-m", *BASE, *GROWN, "growth=random,zero", "seed=0,1", f"hydra.sweep.dir={root / 'grown'}")
         # `python -m growrun.train.budget SWEEP --seed 0`, forked from the warm zygote
-        listed = zygote.run([str(root / "grown"), "--seed", "0"], cwd=root, env=env, timeout=120, source=BUDGET_CLI)
+        listed = zygote.run([str(root / "grown"), "--seed", "0"], cwd=root, env=env, timeout=120,
+                            source=zygote.module_source("growrun.train.budget"))
         growrun("train", "-m", *BASE, "growth=none", "seed=0", f"trainer.budget_from={listed.stdout.strip()}",
                 f"hydra.sweep.dir={root / 'equal' / 'seed0'}")
         growrun("train", "-m", *BASE, "growth=none", "seed=1", f"trainer.budget_from={root / 'grown'}",

@@ -96,10 +96,8 @@ def test_a_difference_fails_loudly(tmp_path, capsys):
     rows = "1,4,fc1,2,0.5\n"
     a = fake_run(tmp_path / "a", model, rows)
     # `python scripts/gpu_check.py --compare A B`, forked from the warm zygote
-    script = f"import runpy, sys; sys.path.insert(0, {str(SCRIPTS)!r}); " \
-             f"runpy.run_path({str(SCRIPTS / 'gpu_check.py')!r}, run_name='__main__')"
     proc = zygote.run(["--compare", str(a), str(fake_run(tmp_path / "b", changed, rows))], cwd=tmp_path,
-                      timeout=300, source=script)
+                      timeout=300, source=zygote.script_source(SCRIPTS / "gpu_check.py"))
     assert proc.returncode == 1 and proc.stdout.startswith("FAIL compare: fc1.weight: 1 of 12 elements differ"), \
         proc.stdout + proc.stderr
     same_run = fake_run(tmp_path / "c", {k: v.clone() for k, v in model.items()}, rows.replace("0.5", "0.7"))
