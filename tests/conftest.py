@@ -102,6 +102,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist load` (xdist's default) with a work-stealing end, so the workers end together:
+    tests/helpers_xdist.py."""
+    if config.getvalue("dist") != "load":
+        return None
+    from helpers_xdist import LoadThenSteal
+
+    return LoadThenSteal(config, log)
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs two workers on two cores) each worker and the
     processes its tests start compute on one thread: two workers at two threads each would run
