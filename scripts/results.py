@@ -20,7 +20,10 @@ of writing (the test suite runs it, so a published table cannot drift from its r
 accuracy, learning rate, parameters) to curves.csv beside the rows file. A `<!-- curves
 rows=FILE at=X,Y,... -->` ... `<!-- /curves -->` block gets, per arm, the mean over seeds of the
 test accuracy of the last epoch finished within X, Y, ... TFLOPs; `plot` draws the curves (one
-line per run, a colour per arm; needs matplotlib).
+line per run, a colour per arm; needs matplotlib). The curves also hold the wall seconds spent by
+each epoch's end (rows added before that column have none): a `<!-- walltime rows=FILE at=X,Y,...
+-->` ... `<!-- /walltime -->` block gets, per arm, the mean wall time by which its runs had spent X,
+Y, ... TFLOPs (linear within an epoch) and their mean FLOP rate: FLOPs and wall time side by side.
 """
 from __future__ import annotations
 
@@ -53,16 +56,18 @@ def run_row(arm: str, run: Path, equal: str, commit: str, machine: str, note: st
             "equal_arm": equal, "run": run.name, "commit": commit, "machine": machine, "note": note}
 
 
-CURVE_COLUMNS = ["arm", "seed", "epoch", "compute", "test_acc", "lr", "params"]
+CURVE_COLUMNS = ["arm", "seed", "epoch", "compute", "test_acc", "lr", "params", "seconds"]
 
 
 def curve_rows(arm: str, run: Path) -> list[dict]:
-    """A run's accuracy-vs-compute curve: per epoch, the training + growth FLOPs spent so far."""
+    """A run's accuracy-vs-compute curve: per epoch, the training + growth FLOPs and the wall seconds
+    (training, growth and evaluation) spent so far."""
     seed = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["seed"]
     with open(run / "metrics.csv", newline="") as f:
         return [{"arm": arm, "seed": seed, "epoch": int(r["epoch"]),
                  "compute": float(r["train_flops"]) + float(r["growth_flops"]), "test_acc": float(r["test_acc"]),
-                 "lr": float(r["lr"]), "params": int(r["params"])} for r in csv.DictReader(f)]
+                 "lr": float(r["lr"]), "params": int(r["params"]), "seconds": float(r["total_seconds"])}
+                for r in csv.DictReader(f)]
 
 
 def _replace(rows: list[dict], new: list[dict]) -> list[dict]:
@@ -155,12 +160,46 @@ def curve_table(rows: list[dict], at: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seconds_at(curve: list[dict], flops: float) -> float | None:
+    """Wall seconds when the run had spent `flops`: linear between its epochs' ends (from 0 at 0);
+    None past its end."""
+    done_flops, done_seconds = 0.0, 0.0
+    for r in curve:
+        c, t = float(r["compute"]), float(r["seconds"])
+        if c >= flops:
+            return done_seconds + (t - done_seconds) * (flops - done_flops) / (c - done_flops)
+        done_flops, done_seconds = c, t
+    return None
+
+
+def wall_table(rows: list[dict], at: list[float]) -> str:
+    """Per arm, over its runs whose curve has wall seconds: the mean wall time (s) by which each run
+    had spent X TFLOPs, for X in `at`, and the mean rate of the whole run (GFLOP/s: its training and
+    growth FLOPs over its wall time); — past a run's end."""
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r.get("seconds"):
+            runs.setdefault(r["arm"], {}).setdefault(str(r["seed"]), []).append(r)
+    head = ["arm", "n", "seeds"] + [f"s at {x:g} TFLOPs" for x in at] + ["GFLOP/s over the run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, seeds in runs.items():
+        cells = [arm, str(len(seeds)), ",".join(seeds)]
+        for x in at:
+            times = [seconds_at(curve, x * 1e12) for curve in seeds.values()]
+            cells.append("—" if None in times else f"{statistics.mean(times):.0f}")
+        rates = [float(c[-1]["compute"]) / float(c[-1]["seconds"]) / 1e9 for c in seeds.values()]
+        lines.append("| " + " | ".join(cells + [f"{statistics.mean(rates):.0f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # A marked block: its opening comment (what to make, from which rows), the generated body, its closing comment.
 MARKERS = [
     (re.compile(r"<!-- table rows=(?P<rows>\S+)(?: reference=(?P<ref>\S+))? -->\n(?P<body>.*?)<!-- /table -->", re.S),
      lambda rows, m: table(rows, m["ref"])),
     (re.compile(r"<!-- curves rows=(?P<rows>\S+) at=(?P<at>[\d.,]+) -->\n(?P<body>.*?)<!-- /curves -->", re.S),
      lambda rows, m: curve_table(rows, [float(x) for x in m["at"].split(",")])),
+    (re.compile(r"<!-- walltime rows=(?P<rows>\S+) at=(?P<at>[\d.,]+) -->\n(?P<body>.*?)<!-- /walltime -->", re.S),
+     lambda rows, m: wall_table(rows, [float(x) for x in m["at"].split(",")])),
 ]
 
 

@@ -86,3 +86,25 @@ def test_add_writes_the_curves_and_their_table_reads_the_last_epoch_within_each_
     # within 15: seed 1 has no epoch yet; 20: 0.50 and 0.40; 45: 0.60 and 0.65; 60: 0.70 and 0.72
     assert line == f"| grown | 2 | — | {100 * (0.50 + 0.40) / 2:.1f} | {100 * (0.60 + 0.65) / 2:.1f} | " \
                    f"{100 * (0.70 + 0.72) / 2:.1f} |"
+
+
+def test_walltime_block_puts_the_wall_time_beside_the_compute(tmp_path):
+    results = results_module()
+    rows = tmp_path / "study" / "runs.csv"
+    # epochs end at 10, 20, 30 s (fake_run); compute so far: a 11, 32, 52 TFLOPs, b 20, 40, 60
+    a = fake_run(tmp_path / "a", 0, [(10e12, 1e12, 0.50), (30e12, 2e12, 0.60), (50e12, 2e12, 0.70)])
+    b = fake_run(tmp_path / "b", 1, [(20e12, 0.0, 0.40), (40e12, 0.0, 0.65), (60e12, 0.0, 0.72)])
+    assert results.main(["add", str(rows), "grown", str(a), str(b), "--commit", "abc1234"]) == 0
+    assert [float(r["seconds"]) for r in results.read_rows(rows.with_name("curves.csv"))] == [10, 20, 30] * 2
+    page = rows.with_name("page.md")
+    page.write_text("<!-- walltime rows=curves.csv at=15,40,55 -->\n<!-- /walltime -->\n")
+    assert results.tables(tmp_path, check=False) == 0 and results.tables(tmp_path, check=True) == 0
+    line = next(ln for ln in page.read_text().splitlines() if ln.startswith("| grown |"))
+    at_15 = ((10 + 10 * (15 - 11) / (32 - 11)) + 10 * 15 / 20) / 2  # a within its epoch 2, b within its epoch 1
+    at_40 = ((20 + 10 * (40 - 32) / (52 - 32)) + 20) / 2
+    rate = (52e12 / 30 + 60e12 / 30) / 2 / 1e9
+    assert line == f"| grown | 2 | 0,1 | {at_15:.0f} | {at_40:.0f} | — | {rate:.0f} |"  # 55: past a's end
+    old = [{k: v for k, v in r.items() if k != "seconds"} for r in results.read_rows(rows.with_name("curves.csv"))]
+    results.write_rows(rows.with_name("curves.csv"), results.CURVE_COLUMNS, old)  # rows from before the column
+    results.tables(tmp_path, check=False)
+    assert not any(ln.startswith("| grown |") for ln in page.read_text().splitlines())
