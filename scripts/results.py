@@ -1,7 +1,7 @@
 """Results as data: one committed row per finished run, and the table made from those rows.
 
     python scripts/results.py add results/STUDY/runs.csv ARM RUN_DIR [RUN_DIR ...] [--equal ARM]
-        --commit SHA [--note TEXT]
+        --commit SHA [--note TEXT] [--curves CURVES.csv]
     python scripts/results.py tables [ROOT] [--check]
     python scripts/results.py plot results/STUDY/curves.csv OUT.png
 
@@ -17,7 +17,8 @@ block gets the table of FILE (relative to the page) between those lines; --check
 of writing (the test suite runs it, so a published table cannot drift from its rows).
 
 `add` also writes each run's accuracy-vs-compute curve (one row per epoch: compute so far, test
-accuracy, learning rate, parameters) to curves.csv beside the rows file. A `<!-- curves
+accuracy, learning rate, parameters) to curves.csv beside the rows file (--curves: another file, for
+a second study in the same folder). A `<!-- curves
 rows=FILE at=X,Y,... -->` ... `<!-- /curves -->` block gets, per arm, the mean over seeds of the
 test accuracy of the last epoch finished within X, Y, ... TFLOPs; `plot` draws the curves (one
 line per run, a colour per arm; needs matplotlib). The curves also hold the wall seconds spent by
@@ -97,12 +98,13 @@ def add(args) -> None:
 
     machine = describe()
     text = f"{machine['cpu']}, {machine['cores']} cores, {machine['aten_cpu_capability']}"
-    rows, curves = read_rows(args.rows), read_rows(args.rows.with_name("curves.csv"))
+    curves_path = args.curves or args.rows.with_name("curves.csv")
+    rows, curves = read_rows(args.rows), read_rows(curves_path)
     for run in args.runs:
         rows = _replace(rows, [run_row(args.arm, run, args.equal or "", args.commit, text, args.note)])
         curves = _replace(curves, curve_rows(args.arm, run))
     write_rows(args.rows, COLUMNS, rows)
-    write_rows(args.rows.with_name("curves.csv"), CURVE_COLUMNS, curves)
+    write_rows(curves_path, CURVE_COLUMNS, curves)
 
 
 def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -273,6 +275,8 @@ def main(argv: list[str]) -> int:
     a.add_argument("--equal", default="")
     a.add_argument("--commit", required=True)
     a.add_argument("--note", default="", help="e.g. why its wall time is not comparable")
+    a.add_argument("--curves", type=Path, help="the curves file (default: curves.csv beside ROWS); "
+                   "one per study, as a curves block lists every arm in its file")
     t = sub.add_parser("tables")
     t.add_argument("root", type=Path, nargs="?", default=Path(__file__).resolve().parents[1] / "results")
     t.add_argument("--check", action="store_true", help="exit 1 if a table differs from its rows; write nothing")

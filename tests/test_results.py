@@ -108,3 +108,15 @@ def test_walltime_block_puts_the_wall_time_beside_the_compute(tmp_path):
     results.write_rows(rows.with_name("curves.csv"), results.CURVE_COLUMNS, old)  # rows from before the column
     results.tables(tmp_path, check=False)
     assert not any(ln.startswith("| grown |") for ln in page.read_text().splitlines())
+
+
+def test_a_second_study_in_the_same_folder_keeps_its_own_curves(tmp_path):
+    results = results_module()
+    rows = tmp_path / "study" / "runs.csv"
+    run = fake_run(tmp_path / "a", 0, [(10e12, 1e12, 0.50), (30e12, 2e12, 0.60)])
+    assert results.main(["add", str(rows), "grown", str(run), "--commit", "abc1234"]) == 0
+    other = rows.with_name("lever_curves.csv")
+    assert results.main(["add", str(rows.with_name("lever.csv")), "lever", str(run), "--commit", "abc1234",
+                         "--curves", str(other)]) == 0
+    assert {r["arm"] for r in results.read_rows(rows.with_name("curves.csv"))} == {"grown"}
+    assert [(r["arm"], r["epoch"]) for r in results.read_rows(other)] == [("lever", "1"), ("lever", "2")]
