@@ -115,6 +115,20 @@ def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {'—' if std is None else f'{std:.{digits}f}'}"
 
 
+def _markdown(head: list[str], body: list[list[str]]) -> str:
+    """A markdown table: its header line, the separator, one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+    return "\n".join(lines) + "\n"
+
+
+def _curves_by_arm(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """Curve rows grouped: arm -> seed -> that run's rows (in file order, by epoch)."""
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        runs.setdefault(r["arm"], {}).setdefault(str(r["seed"]), []).append(r)
+    return runs
+
+
 def table(rows: list[dict], reference: str | None) -> str:
     arms: dict[str, list[dict]] = {}
     for r in rows:
@@ -126,7 +140,7 @@ def table(rows: list[dict], reference: str | None) -> str:
             "compute (TFLOPs)", "wall time (s)"]
     if ref:
         head += [f"acc / {reference}", f"compute / {reference}"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for arm, rs in arms.items():
         accs = [float(r["final_test_acc"]) for r in rs]
         computes = [float(r["compute"]) for r in rs]
@@ -141,25 +155,21 @@ def table(rows: list[dict], reference: str | None) -> str:
                  _ms(computes, 1e-12), _ms([float(r["wall_seconds"]) for r in rs], 1, 0)]
         if ref:
             cells += [f"{100 * statistics.mean(accs) / ref_acc:.1f} %", f"{100 * statistics.mean(computes) / ref_compute:.1f} %"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return _markdown(head, body)
 
 
 def curve_table(rows: list[dict], at: list[float]) -> str:
     """Per arm, the mean over its seeds of the test accuracy (%) of the last epoch finished within
     each compute in `at` (TFLOPs); — where a seed has no epoch that cheap."""
-    runs: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
-        runs.setdefault(r["arm"], {}).setdefault(str(r["seed"]), []).append(r)
-    head = ["arm", "n"] + [f"<= {x:g} TFLOPs" for x in at]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm, seeds in runs.items():
+    body = []
+    for arm, seeds in _curves_by_arm(rows).items():
         cells = [arm, str(len(seeds))]
         for x in at:
             reached = [[float(r["test_acc"]) for r in curve if float(r["compute"]) <= x * 1e12] for curve in seeds.values()]
             cells.append(f"{100 * statistics.mean(accs[-1] for accs in reached):.1f}" if all(reached) else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return _markdown(["arm", "n"] + [f"<= {x:g} TFLOPs" for x in at], body)
 
 
 def seconds_at(curve: list[dict], flops: float) -> float | None:
@@ -178,20 +188,15 @@ def wall_table(rows: list[dict], at: list[float]) -> str:
     """Per arm, over its runs whose curve has wall seconds: the mean wall time (s) by which each run
     had spent X TFLOPs, for X in `at`, and the mean rate of the whole run (GFLOP/s: its training and
     growth FLOPs over its wall time); — past a run's end."""
-    runs: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
-        if r.get("seconds"):
-            runs.setdefault(r["arm"], {}).setdefault(str(r["seed"]), []).append(r)
-    head = ["arm", "n", "seeds"] + [f"s at {x:g} TFLOPs" for x in at] + ["GFLOP/s over the run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm, seeds in runs.items():
+    body = []
+    for arm, seeds in _curves_by_arm([r for r in rows if r.get("seconds")]).items():
         cells = [arm, str(len(seeds)), ",".join(seeds)]
         for x in at:
             times = [seconds_at(curve, x * 1e12) for curve in seeds.values()]
             cells.append("—" if None in times else f"{statistics.mean(times):.0f}")
         rates = [float(c[-1]["compute"]) / float(c[-1]["seconds"]) / 1e9 for c in seeds.values()]
-        lines.append("| " + " | ".join(cells + [f"{statistics.mean(rates):.0f}"]) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells + [f"{statistics.mean(rates):.0f}"])
+    return _markdown(["arm", "n", "seeds"] + [f"s at {x:g} TFLOPs" for x in at] + ["GFLOP/s over the run"], body)
 
 
 # A marked block: its opening comment (what to make, from which rows), the generated body, its closing comment.

@@ -48,7 +48,7 @@ class LoadThenSteal(LoadScheduling):
             return
         victim = max(up, key=lambda node: len(up[node]))
         take = (len(up[victim]) - HELD) // 2
-        if take > 0 and victim not in idle:
+        if take > 0:  # (then the victim holds >= 4 tests: it is not idle)
             victim.send_steal(up[victim][-take:])
             self.stealing_from = victim
             return
